@@ -1,0 +1,44 @@
+"""Test helpers: feed identical gradients to several optimizers."""
+
+import torch
+
+
+def clone_params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    return lambda: [b.to(dtype).clone().requires_grad_() for b in base]
+
+
+def random_grads(params, gen):
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.to(p.dtype).clone()
+
+
+def max_diff(xs, ys):
+    return max((x.detach().double() - y.detach().double()).abs().max().item()
+               for x, y in zip(xs, ys))
+
+
+def snapshot(opt, params):
+    """Deep copy of params and optimizer state, for 'nothing changed' checks."""
+    state = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+             for i, p in enumerate(params) if p in opt.state}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return [p.detach().clone() for p in params], state, groups
+
+
+def assert_unchanged(before, after):
+    (p0, s0, g0), (p1, s1, g1) = before, after
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b)
+    assert s0.keys() == s1.keys()
+    for i in s0:
+        assert s0[i].keys() == s1[i].keys()
+        for k in s0[i]:
+            v0, v1 = s0[i][k], s1[i][k]
+            assert torch.equal(v0, v1) if torch.is_tensor(v0) else v0 == v1
+    assert g0 == g1

@@ -1,0 +1,130 @@
+"""Host side of the kernels: bucket tensors, build chunk tables, launch.
+
+Nothing here reads a device value back: the scalars arrive as Python floats,
+the tables are built from host-known pointers and sizes.
+
+Launch policy (issue #3): a tensor of at least ``_OWN_LAUNCH_NUMEL`` elements
+(or a lone tensor, such as a ZeRO shard) gets one flat launch; smaller ones
+sharing device and dtypes go into one multi-tensor launch over a chunk table,
+so a model of hundreds of small biases and norms costs a handful of launches,
+not one per parameter.  The user's parameters are not moved or flattened.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+from . import triton_kernels as K
+
+# 1024 elements x 4 warps: 8 elements a thread, two 16-byte fp32 vectors.
+BLOCK = 1024
+NUM_WARPS = 4
+# 64 blocks (256 KiB of fp32) is enough work that a second launch costs
+# under ~5% of the tensor's own time on an H100; smaller tensors are batched.
+_OWN_LAUNCH_NUMEL = 64 * BLOCK
+
+_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+Roles = Sequence[Optional[Sequence[Tensor]]]
+
+
+def _chunk_table(roles: Roles, index: list[int], device: torch.device):
+    """Pointer tables (one int64 tensor per role) and the chunk map.
+
+    Cached on (pointers, sizes): equal keys give equal tables, so reuse of
+    freed memory cannot make a stale entry wrong.
+    """
+    key = (device, tuple(
+        tuple(r[i].data_ptr() for i in index) if r is not None else None for r in roles
+    ), tuple(roles[0][i].numel() for i in index))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    numels = [roles[0][i].numel() for i in index]
+    chunk_tensor, chunk_start = [], []
+    for t, n in enumerate(numels):
+        starts = range(0, n, BLOCK)
+        chunk_tensor.extend([t] * len(starts))
+        chunk_start.extend(starts)
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
+    tables = [as_dev(p) if p is not None else None for p in key[1]]
+    out = (tables, as_dev(chunk_tensor), as_dev(chunk_start), as_dev(numels))
+    _TABLE_CACHE[key] = out
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return out
+
+
+def _buckets(roles: Roles):
+    """Group tensor indices by (device, dtype of every role)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, primary in enumerate(roles[0]):
+        key = (primary.device,) + tuple(r[i].dtype if r is not None else None for r in roles)
+        buckets.setdefault(key, []).append(i)
+    return buckets.values()
+
+
+def _launch(flat_kernel, multi_kernel, roles: Roles, **kwargs) -> None:
+    """Run a kernel over every tensor index of ``roles`` (role 0 is always
+    present; ``None`` roles are absent and replaced by role 0's pointer)."""
+    for index in _buckets(roles):
+        own = [i for i in index if roles[0][i].numel() >= _OWN_LAUNCH_NUMEL]
+        batched = [i for i in index if roles[0][i].numel() < _OWN_LAUNCH_NUMEL]
+        if len(batched) == 1:
+            own, batched = own + batched, []
+        for i in own:
+            n = roles[0][i].numel()
+            ptrs = [(r[i] if r is not None else roles[0][i]) for r in roles]
+            flat_kernel[(triton.cdiv(n, BLOCK),)](
+                *ptrs, n, **kwargs, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if batched:
+            device = roles[0][batched[0]].device
+            tables, chunk_tensor, chunk_start, numels = _chunk_table(roles, batched, device)
+            tables = [t if t is not None else tables[0] for t in tables]
+            likes = [(r[batched[0]] if r is not None else roles[0][batched[0]]) for r in roles]
+            multi_kernel[(chunk_tensor.numel(),)](
+                *tables, *likes, chunk_tensor, chunk_start, numels,
+                **kwargs, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
+             bias_correction2, eps, weight_decay, grad_scale) -> None:
+    _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel,
+            [ys, grads, zs, vs, y_outs],
+            lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
+            bias_correction2=bias_correction2, eps=eps,
+            weight_decay=weight_decay, grad_scale=grad_scale,
+            HAS_WD=weight_decay != 0.0, HAS_YOUT=y_outs is not None)
+
+
+def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs,
+            lr, alpha, eps, weight_decay, momentum, centered, bias_correction2,
+            eps_in_sqrt, maximize, grad_scale) -> None:
+    _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel,
+            [params, grads, square_avgs,
+             momentum_buffers if momentum > 0.0 else None,
+             grad_avgs if centered else None, param_outs],
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+            bias_correction2=bias_correction2, momentum=momentum,
+            grad_scale=grad_scale, HAS_WD=weight_decay != 0.0,
+            MAXIMIZE=bool(maximize), MOMENTUM=momentum > 0.0,
+            CENTERED=bool(centered), EPS_IN_SQRT=bool(eps_in_sqrt),
+            BIAS_CORRECTION=bias_correction2 != 1.0,
+            HAS_POUT=param_outs is not None)
+
+
+def sf_interpolate(ps, zs, *, weight, p_outs) -> None:
+    # Runs once per train()/eval() switch, not per step: one flat launch per
+    # tensor is fine here.
+    for i, p in enumerate(ps):
+        out = p_outs[i] if p_outs is not None else p
+        K.interpolate_flat_kernel[(triton.cdiv(p.numel(), BLOCK),)](
+            p, zs[i], out, p.numel(), weight, HAS_POUT=p_outs is not None,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)

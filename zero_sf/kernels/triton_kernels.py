@@ -1,0 +1,248 @@
+"""Triton kernels.  The math lives in the ``_*_math`` helpers, written to
+mirror :mod:`zero_sf.spec` line by line; the ``_flat_*`` kernels run it over
+one contiguous tensor (a shard), the ``_multi_*`` kernels over a chunk table
+of many tensors in one launch (the single-device optimizer's small params).
+
+Traffic per element of one SF-AdamW step, bf16 model with fp32 master:
+read g(2) y(4) z(4) v(4) = 14 B, write y(4) z(4) v(4) y_out(2) = 14 B,
+28 B in all -- the same as torch's fused AdamW (DESIGN.md §4).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, ptr):
+    """x (fp32) rounded to ptr's element type, to nearest even.
+
+    bf16 is rounded by hand on the bits: under TRITON_INTERPRET=1 Triton's
+    own fp32->bf16 cast truncates (DESIGN.md §4), which would leave CPU
+    results up to 1 ulp off torch's ``.bfloat16()``; this way the kernel is
+    bit-exact against torch everywhere, for ~4 integer ops per element of a
+    memory-bound kernel."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        r = tl.where(x != x, x.to(tl.bfloat16), r)  # keep NaN a NaN
+    else:
+        r = x.to(ptr.dtype.element_ty)
+    return r
+
+
+@triton.jit
+def _store(ptr, offs, x, mask):
+    tl.store(ptr + offs, _round(x, ptr), mask=mask)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    # torch.lerp's formula, so kernel and spec round alike: the weight is a
+    # host scalar, the branch is uniform across the block.
+    if w < 0.5:
+        out = a + w * (b - a)
+    else:
+        out = b - (b - a) * (1.0 - w)
+    return out
+
+
+@triton.jit
+def _sf_adamw_math(g, y, z, v, lr, ck, y_coef, beta2, bias_correction2, eps,
+                   weight_decay, grad_scale, HAS_WD: tl.constexpr):
+    g = g * grad_scale
+    # v <- b2 v + (1-b2) g^2 ;  u = g / (sqrt(v / bc2) + eps)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps
+    u = tl.div_rn(g, denom)
+    if HAS_WD:
+        u = u + weight_decay * y  # decay evaluated at y
+    # y <- (1-ck) y + ck z + lr (b1 (1-ck) - 1) u ;  z <- z - lr u
+    y = _lerp(y, z, ck)
+    y = y + y_coef * u
+    z = z - lr * u
+    return y, z, v
+
+
+@triton.jit
+def _rmsprop_math(g, p, v, buf, gavg, lr, alpha, eps, weight_decay,
+                  bias_correction2, momentum, grad_scale,
+                  HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                  EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+    g = g * grad_scale
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        g = g + weight_decay * p  # coupled L2, as torch.optim.RMSprop
+    v = alpha * v + (1.0 - alpha) * g * g
+    avg = v
+    if CENTERED:
+        gavg = _lerp(gavg, g, 1.0 - alpha)
+        avg = v - gavg * gavg
+    if BIAS_CORRECTION:
+        avg = tl.div_rn(avg, bias_correction2)
+    if EPS_IN_SQRT:
+        avg = tl.sqrt_rn(avg + eps)
+    else:
+        avg = tl.sqrt_rn(avg) + eps
+    if MOMENTUM:
+        buf = momentum * buf + tl.div_rn(g, avg)
+        p = p - lr * buf
+    else:
+        p = p - lr * tl.div_rn(g, avg)
+    return p, v, buf, gavg
+
+
+@triton.jit
+def _flat_offsets(n, BLOCK: tl.constexpr):
+    # int64 offsets: a 1B-element shard times 4 B overflows int32 addressing.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c)
+    start = tl.load(chunk_start_ptr + c)
+    n = tl.load(numel_ptr + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < n
+
+
+@triton.jit
+def _ptr(table_ptr, t, like_ptr):
+    # Pointer table entry t, typed like like_ptr (all tensors of one launch
+    # share a dtype per role).
+    return tl.load(table_ptr + t).to(like_ptr.dtype)
+
+
+@triton.jit
+def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
+                   lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
+                   grad_scale, HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr):
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y, z, v = _sf_adamw_math(g, y, z, v, lr, ck, y_coef, beta2, bias_correction2,
+                             eps, weight_decay, grad_scale, HAS_WD)
+    _store(y_ptr, offs, y, mask)
+    _store(z_ptr, offs, z, mask)
+    _store(v_ptr, offs, v, mask)
+    if HAS_YOUT:
+        _store(yout_ptr, offs, y, mask)
+
+
+@triton.jit
+def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, n,
+                         lr, ck, y_coef, beta2, bias_correction2, eps,
+                         weight_decay, grad_scale,
+                         HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs, mask = _flat_offsets(n, BLOCK)
+    _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
+                   lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
+                   grad_scale, HAS_WD, HAS_YOUT)
+
+
+@triton.jit
+def sf_adamw_multi_kernel(y_tab, g_tab, z_tab, v_tab, yout_tab,
+                          y_like, g_like, z_like, v_like, yout_like,
+                          chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
+                          lr, ck, y_coef, beta2, bias_correction2, eps,
+                          weight_decay, grad_scale,
+                          HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    t, offs, mask = _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
+    yout_ptr = yout_like
+    if HAS_YOUT:
+        yout_ptr = _ptr(yout_tab, t, yout_like)
+    _sf_adamw_body(_ptr(y_tab, t, y_like), _ptr(g_tab, t, g_like),
+                   _ptr(z_tab, t, z_like), _ptr(v_tab, t, v_like), yout_ptr,
+                   offs, mask, lr, ck, y_coef, beta2, bias_correction2, eps,
+                   weight_decay, grad_scale, HAS_WD, HAS_YOUT)
+
+
+@triton.jit
+def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                  grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                  EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                  HAS_POUT: tl.constexpr):
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    buf = v  # placeholders when the option is off (never stored)
+    gavg = v
+    if MOMENTUM:
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CENTERED:
+        gavg = tl.load(gavg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p, v, buf, gavg = _rmsprop_math(g, p, v, buf, gavg, lr, alpha, eps,
+                                    weight_decay, bias_correction2, momentum,
+                                    grad_scale, HAS_WD, MAXIMIZE, MOMENTUM,
+                                    CENTERED, EPS_IN_SQRT, BIAS_CORRECTION)
+    _store(p_ptr, offs, p, mask)
+    _store(v_ptr, offs, v, mask)
+    if MOMENTUM:
+        _store(buf_ptr, offs, buf, mask)
+    if CENTERED:
+        _store(gavg_ptr, offs, gavg, mask)
+    if HAS_POUT:
+        _store(pout_ptr, offs, p, mask)
+
+
+@triton.jit
+def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, n,
+                        lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                        grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                        EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                        HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _flat_offsets(n, BLOCK)
+    _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                  grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
+                  BIAS_CORRECTION, HAS_POUT)
+
+
+@triton.jit
+def rmsprop_multi_kernel(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
+                         p_like, g_like, v_like, buf_like, gavg_like, pout_like,
+                         chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
+                         lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                         grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                         MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                         EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                         HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
+    buf_ptr = buf_like
+    gavg_ptr = gavg_like
+    pout_ptr = pout_like
+    if MOMENTUM:
+        buf_ptr = _ptr(buf_tab, t, buf_like)
+    if CENTERED:
+        gavg_ptr = _ptr(gavg_tab, t, gavg_like)
+    if HAS_POUT:
+        pout_ptr = _ptr(pout_tab, t, pout_like)
+    _rmsprop_body(_ptr(p_tab, t, p_like), _ptr(g_tab, t, g_like),
+                  _ptr(v_tab, t, v_like), buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                  grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
+                  BIAS_CORRECTION, HAS_POUT)
+
+
+@triton.jit
+def interpolate_flat_kernel(p_ptr, z_ptr, pout_ptr, n, weight,
+                            HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
+    # p <- p + weight (z - p): y -> x with weight 1-1/b1, x -> y with 1-b1.
+    offs, mask = _flat_offsets(n, BLOCK)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = _lerp(p, z, weight)
+    _store(p_ptr, offs, p, mask)
+    if HAS_POUT:
+        _store(pout_ptr, offs, p, mask)

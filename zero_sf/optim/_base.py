@@ -1,0 +1,142 @@
+"""Bookkeeping shared by the single-device optimizers: validation when a
+group is added and again before each step, gradient checks before any state
+changes, and state-dict loading that keeps fp32 state fp32 and refuses a
+checkpoint of another model.  No update math lives here."""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..functional import check_backend
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype_for(p: Tensor) -> torch.dtype:
+    """State (z, v, ...) is fp32 for bf16/fp16 parameters: a bf16 v loses the
+    1-b2 = 1e-3 increments entirely (bf16 has 8 bits of mantissa), and a bf16
+    z drops any update below 2**-8 of its magnitude.  Otherwise the param's dtype."""
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False,
+                 label: str | None = None) -> None:
+    """Raise ``ValueError(f"Invalid {label}: {value}")`` unless value is a
+    finite real in the given interval (torch's wording)."""
+    label = label or f"{name} value"
+    if isinstance(value, Tensor):
+        raise ValueError(f"Invalid {label}: {value} (a Tensor {name} is not supported; pass a float)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {label}: {value!r} (expected a real number)")
+    ok = math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"Invalid {label}: {value}")
+
+
+def check_int(name: str, value: Any, *, low: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= {low})")
+
+
+class ZeroSFOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_validate_group`` and the step."""
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        check_backend(defaults["backend"])
+        super().__init__(params, defaults)
+
+    # -- validation -------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch raises its TypeError for sets
+            params = list(params)
+        param_group["params"] = params
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate_group(merged)
+        for p in params:
+            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
+                raise ValueError(
+                    f"{type(self).__name__} supports real floating-point parameters only, "
+                    f"got one of dtype {p.dtype}; for complex parameters optimize "
+                    f"torch.view_as_real(p) instead")
+        super().add_param_group(param_group)
+
+    def _active_params(self) -> list[list[Tensor]]:
+        """Per group, the params that have a gradient, after checking every
+        hyperparameter and gradient: raises before any state changes."""
+        for group in self.param_groups:
+            self._validate_group(group)
+        name = type(self).__name__
+        active = []
+        for group in self.param_groups:
+            ps = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(
+                        f"{name}: a gradient of shape {tuple(g.shape)} on {g.device} does not "
+                        f"match its parameter of shape {tuple(p.shape)} on {p.device}")
+                ps.append(p)
+            active.append(ps)
+        return active
+
+    # -- state dicts ------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved by a peer optimizer (torch.optim.RMSprop,
+        # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _pair_saved_ids(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+        """Saved param id -> our param, in torch's pairing order.  Raises
+        ValueError (before anything is loaded) when the groups or shapes differ."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"])
+                for s, g in zip(saved_groups, self.param_groups)):
+            raise ValueError(
+                "loaded state dict has "
+                f"{[len(s['params']) for s in saved_groups]} parameters per group, this "
+                f"optimizer has {[len(g['params']) for g in self.param_groups]}; "
+                "is it the state of another model?")
+        id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        for index, (old_id, p) in enumerate(id_map.items()):
+            for key, value in state_dict["state"].get(old_id, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}; "
+                        "is it the state of another model?")
+        return id_map
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        id_map = self._pair_saved_ids(state_dict)
+        saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to the param's dtype; keep
+        # our fp32 state fp32 (it would round z and v to bf16 otherwise).
+        for old_id, p in id_map.items():
+            for key, value in saved_state.get(old_id, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype_for(p),
+                                                  copy=True)

@@ -1,0 +1,144 @@
+"""Schedule-Free AdamW on the RMS core, two state tensors per parameter."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import functional as F
+from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
+from ._base import ZeroSFOptimizer, check_int, check_number, state_dtype_for
+
+__all__ = ["ScheduleFreeAdamW"]
+
+
+def validate_sf_group(group: dict[str, Any]) -> None:
+    """Schedule-Free AdamW hyperparameters, torch's wording.  Shared with
+    the sharded optimizer, which stores the same group keys."""
+    check_number("lr", group["lr"], label="learning rate")
+    check_number("eps", group["eps"], label="epsilon value")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    # eval() computes x = y + (1 - 1/beta1)(z - y): beta1 = 0 divides by zero,
+    # beta1 = 1 makes y == x and train()/eval() no-ops that lose z's lead.
+    check_number("beta1", betas[0], low_open=True, high=1.0, high_open=True,
+                 label="beta parameter at index 0")
+    check_number("beta2", betas[1], high=1.0, high_open=True,
+                 label="beta parameter at index 1")
+    check_number("weight_decay", group["weight_decay"])
+    check_int("warmup_steps", group["warmup_steps"])
+    check_number("r", group["r"])
+    check_number("weight_lr_power", group["weight_lr_power"])
+    F.check_backend(group["backend"])
+
+
+def eval_mode_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name}.step() was called in eval mode: the parameters hold x, not y. "
+        "Call optimizer.train() before training steps and optimizer.eval() before "
+        "evaluation or saving (as with schedulefree.AdamWScheduleFree)")
+
+
+class ScheduleFreeAdamW(ZeroSFOptimizer):
+    r"""Schedule-Free AdamW (Defazio et al., 2024), a drop-in for
+    ``schedulefree.AdamWScheduleFree`` 1.4.x.
+
+    Same arguments, defaults, ``train()``/``eval()`` semantics (the
+    parameters hold ``y`` in train mode and ``x`` in eval mode; like the
+    reference the optimizer starts in eval mode, so call ``train()`` first),
+    group keys (``k``, ``train_mode``, ``weight_sum``, ``lr_max``,
+    ``scheduled_lr``) and per-parameter state keys (``z``, ``exp_avg_sq``
+    and nothing else), so state dicts load both ways.
+
+    Differences from the reference: ``p.grad`` is left untouched; the update
+    is one fused kernel per batch of tensors on CUDA (``backend``); ``step()``
+    in eval mode raises ``RuntimeError``; bf16/fp16 parameters keep fp32
+    ``z`` and ``exp_avg_sq`` (the parameter itself holds ``y`` in its own
+    dtype; for a fp32 master copy of ``y`` use the sharded
+    :class:`zero_sf.ZeroOptimizer`).  ``foreach`` is accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: Optional[bool] = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps,
+                        train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
+                        weight_lr_power=weight_lr_power, weight_decay=weight_decay,
+                        foreach=foreach, backend=backend)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_sf_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group added mid-training (e.g. unfrozen layers) has no z yet, so
+        # its mode is only a flag: take the optimizer's current mode, or the
+        # next step() would refuse to run.
+        if self.param_groups and "train_mode" not in param_group:
+            param_group["train_mode"] = self.param_groups[0]["train_mode"]
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta1 = group["betas"][0]
+            ps = [p for p in group["params"] if "z" in self.state[p]]
+            if ps:
+                weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
+                F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
+                                 backend=group["backend"])
+            group["train_mode"] = to_train
+
+    def eval(self) -> None:
+        """Parameters y -> x (``p.lerp_(z, 1 - 1/beta1)``): use before evaluation."""
+        self._switch(False)
+
+    def train(self) -> None:
+        """Parameters x -> y (``p.lerp_(z, 1 - beta1)``): use before training."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise eval_mode_error(type(self).__name__)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = self._active_params()
+        for group, params in zip(self.param_groups, active):
+            beta1, beta2 = group["betas"]
+            sc = sf_scalars(k=group["k"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                            warmup_steps=group["warmup_steps"], r=group["r"],
+                            weight_lr_power=group["weight_lr_power"],
+                            lr_max=group["lr_max"], weight_sum=group["weight_sum"])
+            for p in params:
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"] = p.detach().to(state_dtype_for(p), copy=True)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype_for(p))
+            if params:
+                states = [self.state[p] for p in params]
+                F.sf_adamw(params, [p.grad for p in params], [s["z"] for s in states],
+                           [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
+                           y_coef=sc.y_coef, beta2=beta2,
+                           bias_correction2=sc.bias_correction2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], backend=group["backend"])
+            group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
+                         scheduled_lr=sc.lr)
+        return loss
