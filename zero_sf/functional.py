@@ -99,7 +99,11 @@ def sf_adamw(
     y_outs: Optional[Sequence[Tensor]] = None,
     backend: str = "auto",
 ) -> None:
-    """Schedule-Free AdamW step (:func:`zero_sf.spec.sf_adamw_update`) on lists."""
+    """Schedule-Free AdamW step (:func:`zero_sf.spec.sf_adamw_update`) on lists.
+
+    ``y_outs`` (optional, entries may be ``None``): tensors that receive ``y``
+    rounded to their dtype, in the same pass (a ZeRO rank's slice of the
+    model's bf16 parameters when ``ys`` are fp32 master shards)."""
     backend = resolve_backend(backend, ys)
     fused, plain = _split(backend, len(ys), (ys, grads, zs, vs, y_outs))
     scalars = dict(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,

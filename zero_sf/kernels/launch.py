@@ -94,37 +94,48 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, **kwargs) -> None:
                 **kwargs, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
+def _by_output(roles: Roles, out_role: int):
+    """Split on whether tensor i has an output copy (a per-launch constexpr):
+    yields (roles restricted to those indices, has_output)."""
+    outs = roles[out_role]
+    n = len(roles[0])
+    for has in (True, False):
+        index = [i for i in range(n) if (outs is not None and outs[i] is not None) == has]
+        if index:
+            yield [None if r is None or (k == out_role and not has) else [r[i] for i in index]
+                   for k, r in enumerate(roles)], has
+
+
 def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
              bias_correction2, eps, weight_decay, grad_scale) -> None:
-    _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel,
-            [ys, grads, zs, vs, y_outs],
-            lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
-            bias_correction2=bias_correction2, eps=eps,
-            weight_decay=weight_decay, grad_scale=grad_scale,
-            HAS_WD=weight_decay != 0.0, HAS_YOUT=y_outs is not None)
+    for roles, has_out in _by_output([ys, grads, zs, vs, y_outs], 4):
+        _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles,
+                lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
+                bias_correction2=bias_correction2, eps=eps,
+                weight_decay=weight_decay, grad_scale=grad_scale,
+                HAS_WD=weight_decay != 0.0, HAS_YOUT=has_out)
 
 
 def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs,
             lr, alpha, eps, weight_decay, momentum, centered, bias_correction2,
             eps_in_sqrt, maximize, grad_scale) -> None:
-    _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel,
-            [params, grads, square_avgs,
-             momentum_buffers if momentum > 0.0 else None,
-             grad_avgs if centered else None, param_outs],
-            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-            bias_correction2=bias_correction2, momentum=momentum,
-            grad_scale=grad_scale, HAS_WD=weight_decay != 0.0,
-            MAXIMIZE=bool(maximize), MOMENTUM=momentum > 0.0,
-            CENTERED=bool(centered), EPS_IN_SQRT=bool(eps_in_sqrt),
-            BIAS_CORRECTION=bias_correction2 != 1.0,
-            HAS_POUT=param_outs is not None)
+    roles = [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
+             grad_avgs if centered else None, param_outs]
+    for roles, has_out in _by_output(roles, 5):
+        _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles,
+                lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                bias_correction2=bias_correction2, momentum=momentum,
+                grad_scale=grad_scale, HAS_WD=weight_decay != 0.0,
+                MAXIMIZE=bool(maximize), MOMENTUM=momentum > 0.0,
+                CENTERED=bool(centered), EPS_IN_SQRT=bool(eps_in_sqrt),
+                BIAS_CORRECTION=bias_correction2 != 1.0, HAS_POUT=has_out)
 
 
 def sf_interpolate(ps, zs, *, weight, p_outs) -> None:
     # Runs once per train()/eval() switch, not per step: one flat launch per
     # tensor is fine here.
     for i, p in enumerate(ps):
-        out = p_outs[i] if p_outs is not None else p
+        out = p_outs[i] if p_outs is not None else None
         K.interpolate_flat_kernel[(triton.cdiv(p.numel(), BLOCK),)](
-            p, zs[i], out, p.numel(), weight, HAS_POUT=p_outs is not None,
+            p, zs[i], out if out is not None else p, p.numel(), weight, HAS_POUT=out is not None,
             BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Any, Iterable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -52,6 +52,32 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         check_backend(defaults["backend"])
         super().__init__(params, defaults)
+        self._outputs: dict[int, Tensor] = {}
+        self._grads: dict[int, Tensor] = {}
+
+    # -- shard bindings (used by the sharded optimizer) --------------------
+    def bind(self, param: Tensor, *, grad: Optional[Tensor] = None,
+             out: Optional[Tensor] = None) -> None:
+        """Bind tensors to ``param`` in place of the usual attributes.
+
+        ``grad``: read as ``param``'s gradient instead of ``param.grad`` (a
+        bf16 gradient shard for a fp32 master shard: autograd forbids such a
+        ``.grad``).  ``out``: after every update of ``param`` (step,
+        train/eval switch) also write its value, rounded to ``out.dtype``,
+        into ``out`` in the same fused pass (the model's bf16 parameters)."""
+        for name, t in (("grad", grad), ("out", out)):
+            if t is not None and t.shape != param.shape:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} for a parameter of "
+                                 f"shape {tuple(param.shape)}")
+        if grad is not None:
+            self._grads[id(param)] = grad
+        if out is not None:
+            self._outputs[id(param)] = out
+
+    def _outs(self, params: list[Tensor]) -> list[Tensor] | None:
+        if not self._outputs:
+            return None
+        return [self._outputs.get(id(p)) for p in params]
 
     # -- validation -------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
@@ -74,9 +100,13 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                     f"torch.view_as_real(p) instead")
         super().add_param_group(param_group)
 
-    def _active_params(self) -> list[list[Tensor]]:
-        """Per group, the params that have a gradient, after checking every
-        hyperparameter and gradient: raises before any state changes."""
+    def _grad(self, p: Tensor) -> Optional[Tensor]:
+        return self._grads.get(id(p), p.grad) if self._grads else p.grad
+
+    def _active_params(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per group, (param, grad) for the params that have a gradient, after
+        checking every hyperparameter and gradient: raises before any state
+        changes."""
         for group in self.param_groups:
             self._validate_group(group)
         name = type(self).__name__
@@ -84,7 +114,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             ps = []
             for p in group["params"]:
-                g = p.grad
+                g = self._grad(p)
                 if g is None:
                     continue
                 if g.is_sparse:
@@ -93,13 +123,15 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"{name}: a gradient of shape {tuple(g.shape)} on {g.device} does not "
                         f"match its parameter of shape {tuple(p.shape)} on {p.device}")
-                ps.append(p)
+                ps.append((p, g))
             active.append(ps)
         return active
 
     # -- state dicts ------------------------------------------------------
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_outputs", {})
+        self.__dict__.setdefault("_grads", {})
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
         # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
         for group in self.param_groups:

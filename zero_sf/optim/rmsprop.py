@@ -80,13 +80,18 @@ class RMSProp(ZeroSFOptimizer):
         F.check_backend(group["backend"])
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], float]] = None, *,
+             grad_scale: float = 1.0) -> Optional[float]:
+        """One step.  ``grad_scale`` multiplies every gradient inside the fused
+        update (the sharded optimizer folds 1/world_size and clipping into it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         active = self._active_params()
-        for group, params in zip(self.param_groups, active):
+        for group, pairs in zip(self.param_groups, active):
+            grads = {id(p): g for p, g in pairs}
+            params = [p for p, _ in pairs]
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
@@ -109,7 +114,7 @@ class RMSProp(ZeroSFOptimizer):
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
                 F.rmsprop(
-                    ps, [p.grad for p in ps], [s["square_avg"] for s in states],
+                    ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
                     momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
                     grad_avgs=[s["grad_avg"] for s in states] if group["centered"] else None,
                     lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
@@ -117,6 +122,7 @@ class RMSProp(ZeroSFOptimizer):
                     centered=group["centered"],
                     bias_correction2=rms_bias_correction(group["alpha"], step) if group["bias_correction"] else 1.0,
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
+                    grad_scale=grad_scale, param_outs=self._outs(ps),
                     backend=group["backend"])
         return loss
 

@@ -97,11 +97,11 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             if group["train_mode"] == to_train:
                 continue
             beta1 = group["betas"][0]
-            ps = [p for p in group["params"] if "z" in self.state[p]]
+            ps = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if ps:
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
-                                 backend=group["backend"])
+                                 p_outs=self._outs(ps), backend=group["backend"])
             group["train_mode"] = to_train
 
     def eval(self) -> None:
@@ -113,7 +113,10 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         self._switch(True)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], float]] = None, *,
+             grad_scale: float = 1.0) -> Optional[float]:
+        """One step.  ``grad_scale`` multiplies every gradient inside the fused
+        update (the sharded optimizer folds 1/world_size and clipping into it)."""
         if not all(g["train_mode"] for g in self.param_groups):
             raise eval_mode_error(type(self).__name__)
         loss = None
@@ -121,7 +124,8 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             with torch.enable_grad():
                 loss = closure()
         active = self._active_params()
-        for group, params in zip(self.param_groups, active):
+        for group, pairs in zip(self.param_groups, active):
+            params = [p for p, _ in pairs]
             beta1, beta2 = group["betas"]
             sc = sf_scalars(k=group["k"], lr=group["lr"], beta1=beta1, beta2=beta2,
                             warmup_steps=group["warmup_steps"], r=group["r"],
@@ -134,11 +138,12 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype_for(p))
             if params:
                 states = [self.state[p] for p in params]
-                F.sf_adamw(params, [p.grad for p in params], [s["z"] for s in states],
+                F.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
                            [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
                            y_coef=sc.y_coef, beta2=beta2,
                            bias_correction2=sc.bias_correction2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], backend=group["backend"])
+                           weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                           y_outs=self._outs(params), backend=group["backend"])
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
                          scheduled_lr=sc.lr)
         return loss

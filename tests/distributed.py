@@ -1,0 +1,28 @@
+"""Spawn gloo ranks on CPU (as torch's and DeepSpeed's own harnesses do).
+
+``spawn(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in
+``world_size`` fresh processes with a ``file://`` rendezvous; an assertion in
+any rank fails the calling test with that rank's traceback.
+"""
+
+import os
+import tempfile
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, fn, world_size, store, args):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size, *args):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(fn, world_size, os.path.join(tmp, "store"), args),
+                 nprocs=world_size, join=True)

@@ -1,0 +1,67 @@
+"""The collectives the sharded optimizer uses, one line each, so the rest of
+the package never calls torch.distributed directly.  Same code on gloo (CPU)
+and NCCL (GPU)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(world_size, rank) in ``group``; (1, 0) without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _active(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def reduce_scatter_sum(out: Tensor, inp: Tensor, group, async_op: bool = False):
+    """Sum ``inp`` over ranks; rank r receives chunk r into ``out``.  Summing
+    (not averaging) lets the 1/N fold into the optimizer kernel's grad scale."""
+    if not _active(group):
+        out.copy_(inp)
+        return None
+    return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group,
+                                      async_op=async_op)
+
+
+def all_gather(out: Tensor, inp: Tensor, group) -> None:
+    """``out`` = concat of every rank's ``inp``.  ``inp`` may be the rank's own
+    slice of ``out`` (in place, as NCCL and gloo both allow)."""
+    if not _active(group):
+        if inp.data_ptr() != out.data_ptr():
+            out.copy_(inp)
+        return
+    dist.all_gather_into_tensor(out, inp, group=group)
+
+
+def all_reduce_sum(t: Tensor, group) -> Tensor:
+    if _active(group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def broadcast_from_first(t: Tensor, group) -> None:
+    """Rank 0 of ``group``'s values to everyone, in place (as DDP does at start)."""
+    if _active(group):
+        dist.broadcast(t, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+
+
+def all_gather_objects(obj: Any, group) -> list[Any]:
+    if not _active(group):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group) -> None:
+    if _active(group):
+        dist.barrier(group=group)
