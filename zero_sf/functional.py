@@ -78,6 +78,31 @@ def _split(backend: str, n: int, tensor_lists) -> tuple[list[int], list[int]]:
     return fused, plain
 
 
+# The torch path walks large contiguous tensors in chunks of 64K elements
+# (256 KiB fp32): its temporaries then stay in cache and in the allocator's
+# free lists.  Measured on this project's 2-core CPU machine, one SF-AdamW
+# step on 16M elements: 66 ms whole, 28 ms in 64K chunks (1M chunks: 66 ms).
+# Elementwise math, so the result is bit-identical to the unchunked spec.
+_TORCH_CHUNK = 1 << 16
+
+
+def _torch_chunks(*tensors: Optional[Tensor]):
+    """Yield tuples of matching 1-D slices (None stays None); the whole
+    tensors when small or not all contiguous."""
+    first = tensors[0]
+    n = first.numel()
+    if n <= _TORCH_CHUNK or not _triton_ok(*tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) if t is not None else None for t in tensors]
+    for s in range(0, n, _TORCH_CHUNK):
+        yield tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
+
+
+def _at(xs, i):
+    return xs[i] if xs is not None else None
+
+
 def _pick(xs, index):
     return None if xs is None else [xs[i] for i in index]
 
@@ -113,8 +138,8 @@ def sf_adamw(
         _kernels().sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
                             _pick(vs, fused), y_outs=_pick(y_outs, fused), **scalars)
     for i in plain:
-        spec.sf_adamw_update(ys[i], grads[i], zs[i], vs[i],
-                             y_out=y_outs[i] if y_outs is not None else None, **scalars)
+        for y, g, z, v, y_out in _torch_chunks(ys[i], grads[i], zs[i], vs[i], _at(y_outs, i)):
+            spec.sf_adamw_update(y, g, z, v, y_out=y_out, **scalars)
 
 
 def rmsprop(
@@ -156,11 +181,11 @@ def rmsprop(
                            grad_avgs=_pick(grad_avgs, fused),
                            param_outs=_pick(param_outs, fused), **scalars)
     for i in plain:
-        spec.rmsprop_update(
-            params[i], grads[i], square_avgs[i],
-            momentum_buffer=momentum_buffers[i] if momentum_buffers is not None else None,
-            grad_avg=grad_avgs[i] if grad_avgs is not None else None,
-            param_out=param_outs[i] if param_outs is not None else None, **scalars)
+        for p, g, v, buf, gavg, out in _torch_chunks(
+                params[i], grads[i], square_avgs[i], _at(momentum_buffers, i),
+                _at(grad_avgs, i), _at(param_outs, i)):
+            spec.rmsprop_update(p, g, v, momentum_buffer=buf, grad_avg=gavg, param_out=out,
+                                **scalars)
 
 
 def sf_interpolate(
@@ -178,5 +203,5 @@ def sf_interpolate(
         _kernels().sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
                                   p_outs=_pick(p_outs, fused))
     for i in plain:
-        spec.sf_interpolate(ps[i], zs[i], weight=weight,
-                            p_out=p_outs[i] if p_outs is not None else None)
+        for p, z, out in _torch_chunks(ps[i], zs[i], _at(p_outs, i)):
+            spec.sf_interpolate(p, z, weight=weight, p_out=out)

@@ -1,0 +1,165 @@
+"""Optimizer-step throughput: zero_sf's fused kernel against its torch path,
+schedulefree's foreach step, torch's fused AdamW, and a plain device copy of
+the same bytes (the bandwidth ceiling).
+
+    python benchmarks/step_throughput.py [--sizes 1e6 4e6 ...] [--out benchmarks/results]
+
+One flat tensor per method (a ZeRO shard).  zero_sf runs the shard layout it
+is built for: bf16 gradient and bf16 output copy of y, fp32 master y, z, v --
+14 B read + 14 B written = 28 B/param.  Peers run their own natural layout:
+schedulefree and AdamW on fp32 params/grads (AdamW: 16 B read + 12 written =
+28 B/param; schedulefree's foreach step makes ~10 passes, ~104 B/param).
+"Bytes" below are each method's minimum traffic; GB/s = bytes x N / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import environment, median_time, write_json  # noqa: E402
+
+import zero_sf  # noqa: E402
+from zero_sf import functional as F  # noqa: E402
+from zero_sf.spec import sf_scalars  # noqa: E402
+
+MIN_BYTES = {"zero_sf_triton": 28, "zero_sf_torch": 28, "schedulefree_foreach": 32,
+             "torch_adamw_fused": 28, "copy": 28}
+
+
+def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda dtype: torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    out = {"numel": n}
+    sc = sf_scalars(k=10, lr=1e-3, beta1=0.9, beta2=0.999, warmup_steps=0, r=0.0,
+                    weight_lr_power=2.0, lr_max=1e-3, weight_sum=1e-5)
+    kw = dict(lr=sc.lr, ck=sc.ck, y_coef=sc.y_coef, beta2=0.999,
+              bias_correction2=sc.bias_correction2, eps=1e-8, weight_decay=0.01)
+    for m in methods:
+        if m.startswith("zero_sf"):
+            y, z, v = rnd(torch.float32), rnd(torch.float32), rnd(torch.float32).abs()
+            grad, y_out = rnd(torch.bfloat16), torch.empty(n, dtype=torch.bfloat16, device=device)
+            backend = "triton" if m == "zero_sf_triton" else "torch"
+            fn = lambda: F.sf_adamw([y], [grad], [z], [v], y_outs=[y_out], backend=backend, **kw)
+        elif m == "schedulefree_foreach":
+            import schedulefree
+            p = torch.nn.Parameter(rnd(torch.float32))
+            opt = schedulefree.AdamWScheduleFree([p], lr=1e-3, weight_decay=0.01, foreach=True)
+            opt.train()
+            grad = rnd(torch.float32)
+
+            def fn(p=p, opt=opt, grad=grad):
+                p.grad = grad  # it normalizes grad in place: values drift, cost does not
+                opt.step()
+        elif m == "torch_adamw_fused":
+            p = torch.nn.Parameter(rnd(torch.float32))
+            p.grad = rnd(torch.float32)
+            opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.01, fused=True)
+            fn = opt.step
+        elif m == "copy":
+            src = torch.empty(n * 14, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            fn = lambda: dst.copy_(src)
+        else:
+            raise ValueError(m)
+        try:
+            t = median_time(fn, device, repeats=repeats)
+        except Exception as e:  # report, don't hide: e.g. fused AdamW unsupported
+            out[m] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        b = MIN_BYTES[m]
+        out[m] = {"seconds": t, "gparam_per_s": n / t / 1e9, "bytes_per_param": b,
+                  "gb_per_s": b * n / t / 1e9}
+        del fn
+    copy = out.get("copy", {}).get("gb_per_s")
+    for m in methods:
+        r = out.get(m, {})
+        if "seconds" not in r:
+            continue
+        if copy:
+            r["fraction_of_copy_bw"] = r["gb_per_s"] / copy
+        for peer in methods:
+            if peer != m and "seconds" in out.get(peer, {}):
+                r[f"speedup_vs_{peer}"] = out[peer]["seconds"] / r["seconds"]
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = [r["numel"] for r in results["sizes"]]
+    for m in results["methods"]:
+        ys = [r.get(m, {}).get("gparam_per_s") for r in results["sizes"]]
+        pts = [(s, y) for s, y in zip(sizes, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("elements per step (one flat shard)")
+    ax.set_ylabel("Gparam/s")
+    env = results["env"]
+    ax.set_title(f"optimizer step throughput, {env.get('device_name')}\n"
+                 f"torch {env['torch']}, triton {env.get('triton')}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="*", default=None)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--tag", default=None, help="file name tag (default: device type)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes]
+    elif device.type == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+        # ~64 B/param live across methods at once, keep half the card free
+        sizes = [s for s in (2**20, 2**22, 2**24, 2**26, 2**28, 2**30) if s * 64 < free / 2]
+    else:
+        sizes = [2**20, 2**22, 2**24]
+    methods = ["copy", "zero_sf_torch", "schedulefree_foreach", "torch_adamw_fused"]
+    if device.type == "cuda" and F.triton_available():
+        methods.insert(1, "zero_sf_triton")
+    env = environment(device)
+    print(f"device: {env.get('device_name')}  torch {env['torch']}  triton {env.get('triton')}")
+    if "zero_sf_triton" not in methods:
+        print("zero_sf_triton: not measured (needs a CUDA device; the interpreter is not a speed test)")
+    results = {"env": env, "methods": methods, "sizes": []}
+    for n in sizes:
+        r = bench_size(n, device, methods, args.repeats)
+        results["sizes"].append(r)
+        print(f"\n{n:>12,d} elements")
+        print(f"  {'method':<22}{'ms':>10}{'Gparam/s':>10}{'B/param':>8}{'GB/s':>9}{'of copy':>9}")
+        for m in methods:
+            x = r[m]
+            if "error" in x:
+                print(f"  {m:<22} error: {x['error'][:60]}")
+                continue
+            frac = x.get("fraction_of_copy_bw")
+            print(f"  {m:<22}{x['seconds']*1e3:>10.3f}{x['gparam_per_s']:>10.3f}"
+                  f"{x['bytes_per_param']:>8d}{x['gb_per_s']:>9.1f}"
+                  f"{(f'{frac:.0%}' if frac else '-'):>9}")
+        mine = "zero_sf_triton" if "zero_sf_triton" in methods else "zero_sf_torch"
+        sp = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in r[mine].items() if k.startswith("speedup_vs_"))
+        print(f"  {mine} speed-up vs {sp}")
+    tag = args.tag or device.type
+    write_json(os.path.join(args.out, f"step_throughput_{tag}.json"), results)
+    try:
+        plot(results, os.path.join(args.out, f"step_throughput_{tag}.png"))
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install zero-sf[bench])")
+
+
+if __name__ == "__main__":
+    main()
