@@ -1,0 +1,191 @@
+"""zero_sf under DeepSpeed ZeRO-1/2 on 2 gloo ranks (CPU), against
+single-process zero_sf runs fed the averaged gradients."""
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("deepspeed", reason="pip install zero-sf[deepspeed]")
+
+import zero_sf  # noqa: E402
+from tests.distributed import spawn  # noqa: E402
+
+SHAPES = [(13, 7), (7,), (5, 3), (3,)]
+SF_KW = dict(lr=1e-2, warmup_steps=2, weight_decay=0.01)
+RMS_KW = dict(lr=1e-2, alpha=0.99, bias_correction=True)
+
+
+class Targets(nn.Module):
+    """loss = sum_i <p_i, t_i>: the gradient of p_i is exactly t_i."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(s)) for s in SHAPES])
+
+    def forward(self, *targets):
+        return sum((p * t.to(p.dtype)).sum() for p, t in zip(self.ps, targets))
+
+
+def _targets(step, world_size):
+    # Multiples of 1/64 below 0.5: bf16-exact, and so are their sums over ranks.
+    g = torch.Generator().manual_seed(step)
+    return [[torch.randint(-31, 32, s, generator=g) / 64 for s in SHAPES] for _ in range(world_size)]
+
+
+def _ds_setup(rank, world_size):
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+    # Skip the ~60 s JIT build of the shared-memory comm op (DESIGN.md §6).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the harness's gloo group
+    import deepspeed.utils.logging as dsl
+    dsl.logger.setLevel("ERROR")
+
+
+def _config(stage, bf16, clip, opt_name="sf", via_config=True):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "gradient_clipping": clip,
+           "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+    if via_config:
+        name, kw = ("ScheduleFreeAdamW", SF_KW) if opt_name == "sf" else ("ZeroSFRMSProp", RMS_KW)
+        cfg["optimizer"] = {"type": name, "params": kw}
+    return cfg
+
+
+def _reference(opt_name, plan, clip):
+    """Single process: fp32 master, averaged grads, torch's clipping."""
+    cls, kw = (zero_sf.ScheduleFreeAdamW, SF_KW) if opt_name == "sf" else (zero_sf.RMSProp, RMS_KW)
+    master = [p.detach().float().clone().requires_grad_() for p in Targets().ps]
+    ref = cls(master, **kw)
+    if opt_name == "sf":
+        ref.train()
+    for steps, world_size in plan:
+        for step in steps:
+            ts = _targets(step, world_size)
+            for i, p in enumerate(master):
+                p.grad = sum(t[i] for t in ts) / world_size
+            if clip:
+                torch.nn.utils.clip_grad_norm_(master, clip)
+            ref.step()
+    return ref, master
+
+
+def _train(engine, rank, world_size, steps):
+    for step in steps:
+        loss = engine(*_targets(step, world_size)[rank])
+        engine.backward(loss)
+        engine.step()
+
+
+def _assert_params(engine, master, bf16):
+    for p, m in zip(engine.module.ps, master):
+        if bf16:  # the model holds the fp32 master rounded; allow one bf16 ulp
+            torch.testing.assert_close(p.detach().float(), m.detach().bfloat16().float(),
+                                       rtol=2**-7, atol=0)
+        else:
+            torch.testing.assert_close(p.detach(), m.detach(), rtol=0, atol=1e-6)
+
+
+def _engine(stage, bf16, clip, opt_name="sf", via_config=True):
+    import zero_sf.deepspeed as zsd
+    model = Targets()
+    client = None
+    if not via_config:
+        cls, kw = (zero_sf.ScheduleFreeAdamW, SF_KW) if opt_name == "sf" else (zero_sf.RMSProp, RMS_KW)
+        client = functools.partial(cls, **kw)  # a callable: DeepSpeed passes the params
+    engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(),
+                                config=_config(stage, bf16, clip, opt_name, via_config),
+                                optimizer=client)
+    zsd.train(engine)
+    return engine
+
+
+def _equivalence(rank, world_size):
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    for stage in (1, 2):
+        for bf16 in (False, True):
+            for clip in (0.0, 0.05):
+                for via_config in (True, False):
+                    for opt_name in (("sf", "rmsprop") if via_config and clip == 0.0 else ("sf",)):
+                        engine = _engine(stage, bf16, clip, opt_name, via_config)
+                        basic = zsd._basic_optimizer(engine)
+                        assert len(basic.param_groups[0]["params"]) == 1  # one flat partition
+                        _train(engine, rank, world_size, range(5))
+                        ref, master = _reference(opt_name, [(range(5), world_size)], clip)
+                        _assert_params(engine, master, bf16)
+                        if opt_name == "sf":
+                            # eval(): the *model* now computes with x, train() restores y.
+                            zsd.eval(engine), ref.eval()
+                            assert not engine.module.training
+                            _assert_params(engine, master, bf16)
+                            zsd.train(engine), ref.train()
+                            _assert_params(engine, master, bf16)
+    # Stage 0 in fp32: the optimizer sees the model's own parameters.
+    engine = _engine(0, False, 0.0)
+    _train(engine, rank, world_size, range(5))
+    _assert_params(engine, _reference("sf", [(range(5), world_size)], 0.0)[1], False)
+
+
+def test_config_and_client_routes_match_single_process():
+    spawn(_equivalence, 2)
+
+
+def _refusals(rank, world_size):
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    with pytest.raises(ValueError, match="ZeRO stage 0 with bf16/fp16"):
+        _engine(0, True, 0.0)
+    with pytest.raises(ValueError, match="stage=3"):
+        _engine(3, False, 0.0)
+    cfg = _config(2, False, 0.0)
+    cfg["zero_allow_untested_optimizer"] = False
+    with pytest.raises(ValueError, match="zero_allow_untested_optimizer is false"):
+        zsd.initialize(model=Targets(), model_parameters=Targets().parameters(), config=cfg)
+    # Without the wrapper, DeepSpeed itself resolves the config name once registered.
+    import deepspeed
+    zsd.register()
+    cfg = _config(1, False, 0.0)
+    cfg["zero_allow_untested_optimizer"] = True
+    model = Targets()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    assert type(engine.optimizer.optimizer) is zero_sf.ScheduleFreeAdamW
+
+
+def test_refused_configurations_raise_clear_errors():
+    spawn(_refusals, 2)
+
+
+def _save(rank, world_size, root):
+    _ds_setup(rank, world_size)
+    for i, (stage, bf16) in enumerate([(1, False), (2, True)]):
+        engine = _engine(stage, bf16, 0.0)
+        _train(engine, rank, world_size, range(3))
+        engine.save_checkpoint(os.path.join(root, str(i)))
+
+
+def _resume(rank, world_size, root, saved_world_size):
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    for i, (stage, bf16) in enumerate([(1, False), (2, True)]):
+        engine = _engine(stage, bf16, 0.0)
+        zsd.load_checkpoint(engine, os.path.join(root, str(i)))
+        assert engine.global_steps == 3
+        _train(engine, rank, world_size, range(3, 6))
+        ref, master = _reference("sf", [(range(3), saved_world_size), (range(3, 6), world_size)], 0.0)
+        _assert_params(engine, master, bf16)
+        basic = zsd._basic_optimizer(engine)
+        assert basic.param_groups[0]["k"] == 6
+        zsd.eval(engine), ref.eval()
+        _assert_params(engine, master, bf16)
+
+
+def test_checkpoint_save_at_2_load_at_1_2_3(tmp_path):
+    spawn(_save, 2, str(tmp_path))
+    for world_size in (2, 1, 3):
+        spawn(_resume, world_size, str(tmp_path), 2)

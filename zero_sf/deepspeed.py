@@ -1,0 +1,250 @@
+"""DeepSpeed integration (DESIGN.md §6): zero_sf optimizers from a DeepSpeed
+config or as client optimizers, under ZeRO stage 1 and 2.
+
+Under ZeRO-1/2 DeepSpeed partitions the model itself and hands the optimizer
+one flat fp32 partition per param group, calling ``step()`` once per group
+with ``param_groups`` swapped.  zero_sf's single-device optimizers keep their
+Schedule-Free scalars inside each group dict, so that swap is harmless, and
+their fused kernel runs once per partition.
+
+    import zero_sf.deepspeed as zsd
+    zsd.register()                                    # "type": "ScheduleFreeAdamW" in the config
+    engine, opt, _, _ = zsd.initialize(model=model, model_parameters=model.parameters(),
+                                       config="ds_config.json")
+    zsd.train(engine)     # y: before training
+    zsd.eval(engine)      # x: before evaluation (re-gathers the bf16 params)
+    engine.save_checkpoint(dir); zsd.load_checkpoint(engine, dir)   # any world size
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import re
+from typing import Any, Optional
+
+import torch
+
+from .optim import RMSProp, ScheduleFreeAdamW
+from .optim._base import ZeroSFOptimizer
+
+__all__ = ["OPTIMIZERS", "register", "check_config", "initialize", "eval", "train",
+           "load_checkpoint"]
+
+#: Names usable as ``"optimizer": {"type": NAME}`` after :func:`register`.
+#: ``ZeroSFRMSProp`` cannot collide with DeepSpeed's names or torch.optim.RMSprop.
+OPTIMIZERS = {"ScheduleFreeAdamW": ScheduleFreeAdamW, "ZeroSFRMSProp": RMSProp}
+
+
+def register() -> None:
+    """Make the config names of :data:`OPTIMIZERS` resolvable by DeepSpeed.
+
+    DeepSpeed 0.19 has no optimizer registry: a config ``type`` it does not
+    know is looked up as ``getattr(torch.optim, NAME)``, so this adds the
+    names there.  Idempotent; call it on every rank before
+    ``deepspeed.initialize``."""
+    for name, cls in OPTIMIZERS.items():
+        existing = getattr(torch.optim, name, None)
+        if existing is None:
+            setattr(torch.optim, name, cls)
+        elif existing is not cls:
+            raise RuntimeError(f"torch.optim.{name} already exists ({existing!r}); "
+                               "zero_sf cannot register its optimizer under that name")
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    return copy.deepcopy(dict(config))
+
+
+def _is_ours(config: dict[str, Any], optimizer: Any) -> bool:
+    if isinstance(optimizer, ZeroSFOptimizer):
+        return True
+    if isinstance(optimizer, type) and issubclass(optimizer, ZeroSFOptimizer):
+        return True
+    func = getattr(optimizer, "func", None)  # functools.partial(ScheduleFreeAdamW, ...)
+    if isinstance(func, type) and issubclass(func, ZeroSFOptimizer):
+        return True
+    return optimizer is None and (config.get("optimizer") or {}).get("type") in OPTIMIZERS
+
+
+def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
+    """Validate a DeepSpeed config for use with a zero_sf optimizer and return
+    a copy with ``zero_allow_untested_optimizer`` set.
+
+    Raises ValueError for configurations that would corrupt Schedule-Free state:
+    ZeRO stage 0 with bf16/fp16 (DeepSpeed's ``FP16_UnfusedOptimizer`` calls
+    ``step()`` once with zero gradients at construction, advancing the step
+    counter), ZeRO stage 3 (not supported yet), an explicit
+    ``zero_allow_untested_optimizer: false``, and layouts our resharding
+    loader does not handle (``round_robin_gradients``)."""
+    cfg = _as_dict(config)
+    if not _is_ours(cfg, optimizer):
+        return cfg
+    zero = cfg.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    low = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16", "bfloat16"))
+    if stage == 3:
+        raise ValueError("zero_sf optimizers support DeepSpeed ZeRO stage 0, 1 and 2, got "
+                         "zero_optimization.stage=3; use stage 1 or 2 (or zero_sf.ZeroOptimizer)")
+    if stage == 0 and low:
+        raise ValueError(
+            "zero_sf optimizers cannot run under DeepSpeed ZeRO stage 0 with bf16/fp16: "
+            "DeepSpeed wraps them in FP16_UnfusedOptimizer, which calls step() once with zero "
+            "gradients at construction and would advance the Schedule-Free step counter; "
+            "use zero_optimization.stage 1 or 2 (the same memory or less)")
+    if zero.get("round_robin_gradients"):
+        raise ValueError("zero_optimization.round_robin_gradients=true is not supported with "
+                         "zero_sf optimizers (its layout depends on the world size)")
+    if stage >= 1:
+        if cfg.get("zero_allow_untested_optimizer") is False:
+            raise ValueError(
+                "zero_allow_untested_optimizer is false, but DeepSpeed requires it for any "
+                "optimizer outside its own list; zero_sf's optimizers are tested under ZeRO-1/2 "
+                "(tests/test_deepspeed.py): remove the entry or set it to true")
+        cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
+    """``deepspeed.initialize`` with :func:`register` and :func:`check_config`
+    applied first.  Same signature and return value."""
+    import deepspeed
+
+    register()
+    if config is None and "config_params" in kwargs:
+        config = kwargs.pop("config_params")
+    cfg = check_config(config, optimizer)
+    return deepspeed.initialize(*args, config=cfg, optimizer=optimizer, **kwargs)
+
+
+def _basic_optimizer(engine) -> ZeroSFOptimizer:
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)
+    for candidate in (inner, opt):
+        if isinstance(candidate, ZeroSFOptimizer):
+            return candidate
+    raise TypeError(f"engine's optimizer {type(opt).__name__} does not wrap a zero_sf optimizer")
+
+
+def _regather(engine, basic) -> None:
+    """Copy the fp32 partitions into the model's params and all-gather."""
+    if engine.optimizer is not basic:
+        engine.optimizer.update_lp_params()
+
+
+def eval(engine) -> None:  # noqa: A001 - mirrors optimizer.eval()
+    """Optimizer y -> x on this rank's fp32 partitions, re-gather the model's
+    parameters, and put the module in eval mode.  Without the re-gather the
+    model keeps computing with y (accelerate issue #4159)."""
+    basic = _basic_optimizer(engine)
+    if hasattr(basic, "eval"):
+        basic.eval()
+        _regather(engine, basic)
+    engine.eval()
+
+
+def train(engine) -> None:
+    """Optimizer x -> y, re-gather, module in train mode."""
+    basic = _basic_optimizer(engine)
+    if hasattr(basic, "train"):
+        basic.train()
+        _regather(engine, basic)
+    engine.train()
+
+
+def _zero_files(folder: str) -> list[str]:
+    files = glob.glob(os.path.join(folder, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    rank_of = lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1))
+    return sorted(files, key=rank_of)
+
+
+@torch.no_grad()
+def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
+    """Load ``engine.save_checkpoint(load_dir)`` output at **any** data-parallel
+    world size, keeping z, exp_avg_sq, the fp32 masters and the group scalars.
+
+    DeepSpeed refuses optimizer states saved at another DP size, and its
+    universal-checkpoint converter hard-codes ``exp_avg``/``exp_avg_sq``.
+    Under ZeRO-1/2 a group's flat fp32 buffer has the same unpadded layout at
+    every world size (padding only at its end), so this concatenates the saved
+    partitions, drops each one's padding, and cuts this rank's partition.
+    Checks everything before changing anything.  Returns the tag loaded."""
+    import torch.distributed as dist
+
+    basic = _basic_optimizer(engine)
+    if tag is None:
+        with open(os.path.join(load_dir, "latest")) as f:
+            tag = f.read().strip()
+    folder = os.path.join(load_dir, str(tag))
+    zopt = engine.optimizer
+    if zopt is basic:  # ZeRO stage 0: DeepSpeed's own loader is exact
+        engine.load_checkpoint(load_dir, tag)
+        return tag
+    files = _zero_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
+    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+           for f in files]
+    parts = zopt.single_partition_of_fp32_groups
+    saved_groups = sds[0]["base_optimizer_state"]["param_groups"]
+    if len(saved_groups) != len(parts):
+        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, the engine "
+                         f"{len(parts)}; is it a checkpoint of another model?")
+    missing = set(basic.defaults) - set(saved_groups[0]) - {"backend", "foreach"}
+    if missing:
+        raise ValueError(f"checkpoint's optimizer groups lack {sorted(missing)}: it was "
+                         f"not saved with {type(basic).__name__}")
+    for sd in sds:
+        if any(any(p) for p in sd.get("param_alignment_paddings", []) or []):
+            raise ValueError("checkpoint uses zero_optimization.parameter_alignment; "
+                             "resharding it is not supported")
+    flats = []
+    for i, part in enumerate(parts):
+        saved = [sd["single_partition_of_fp32_groups"][i] for sd in sds]
+        numel = sum(p.numel() for p in zopt.bit16_groups[i])
+        if sum(t.numel() for t in saved) != numel:
+            raise ValueError(f"checkpoint param group {i} holds {sum(t.numel() for t in saved)} "
+                             f"elements, the engine {numel}; is it a checkpoint of another model?")
+        flats.append(saved)
+
+    # Module weights (DeepSpeed's own loader; the optimizer part is ours).
+    _, client_state = engine.load_checkpoint(load_dir, tag, load_module_only=True)
+    rank = dist.get_rank(group=zopt.dp_process_group)
+
+    def cut(pieces: list[torch.Tensor], size: int) -> torch.Tensor:
+        flat = torch.cat([p.reshape(-1).float() for p in pieces])
+        out = torch.zeros(size, dtype=torch.float32)
+        seg = flat[rank * size:(rank + 1) * size]
+        out[:seg.numel()] = seg
+        return out
+
+    for i, part in enumerate(parts):
+        size = part.numel()
+        part.copy_(cut(flats[i], size))
+        lengths = [t.numel() for t in flats[i]]
+        state_i = [sd["base_optimizer_state"]["state"].get(i, {}) for sd in sds]
+        state = basic.state[part]
+        for key, value in state_i[0].items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                pieces = [s[key].reshape(-1)[:n] for s, n in zip(state_i, lengths)]
+                state[key] = cut(pieces, size).to(part.device)
+            else:
+                state[key] = value  # e.g. RMSProp's step count, equal on every rank
+        basic.param_groups[i].update({k: v for k, v in saved_groups[i].items() if k != "params"})
+    _regather(engine, basic)
+    model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
+    if os.path.exists(model_file):
+        meta = torch.load(model_file, map_location="cpu", weights_only=False)
+        engine.global_steps = meta.get("global_steps", engine.global_steps)
+        engine.global_samples = meta.get("global_samples", engine.global_samples)
+        engine.skipped_steps = meta.get("skipped_steps", engine.skipped_steps)
+        if engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
+            engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    return tag
