@@ -22,8 +22,12 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
 
+# The main job: 2 CPU ranks (gloo) train a small GPT with ZeRO-2 Schedule-Free
+# AdamW and save a sharded checkpoint; then 1 rank resumes it and continues.
 demo: $(STAMP)
-	$(PY) launch/demo.py
+	rm -rf runs/demo
+	$(VENV)/bin/torchrun --nproc_per_node=2 launch/train.py --steps 300 --save runs/demo
+	$(VENV)/bin/torchrun --nproc_per_node=1 launch/train.py --steps 340 --batch 32 --eval-every 40 --resume runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

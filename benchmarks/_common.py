@@ -73,3 +73,24 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+def spawn_gloo(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, *args) on world_size CPU processes over gloo."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_entry, args=(fn, world_size, os.path.join(tmp, "store"), args),
+                 nprocs=world_size, join=True)
+
+
+def _gloo_entry(rank, fn, world_size, store, args):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

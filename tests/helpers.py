@@ -42,3 +42,22 @@ def assert_unchanged(before, after):
             v0, v1 = s0[i][k], s1[i][k]
             assert torch.equal(v0, v1) if torch.is_tensor(v0) else v0 == v1
     assert g0 == g1
+
+
+def averaged_reference(cls, kw, init_params, targets, plan, *, clip=0.0):
+    """A single-process run of ``cls`` on a fp32 copy of ``init_params``
+    (the master), fed the average of every rank's gradient ``targets(step,
+    world_size)[rank]`` and clipped like torch; ``plan`` = [(steps, world_size)]."""
+    master = [p.detach().float().clone().requires_grad_() for p in init_params]
+    ref = cls(master, **kw)
+    if hasattr(ref, "train"):
+        ref.train()
+    for steps, world_size in plan:
+        for step in steps:
+            ts = targets(step, world_size)
+            for i, p in enumerate(master):
+                p.grad = sum(t[i] for t in ts) / world_size
+            if clip:
+                torch.nn.utils.clip_grad_norm_(master, clip)
+            ref.step()
+    return ref, master

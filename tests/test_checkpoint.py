@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import zero_sf
 from tests.distributed import spawn
+from tests.helpers import averaged_reference
 from tests.sharding.test_zero import LAYOUT, RMS_KW, SF_KW, _assert_model_is, _model, _targets
 
 CONFIGS = [(stage, dtype, opt) for stage in (1, 2) for dtype in (torch.float32, torch.bfloat16)
@@ -28,19 +29,8 @@ def _steps(model, opt, rank, world_size, steps):
 
 
 def _reference(dtype, opt_name, plan):
-    """Single process, fp32 master, averaged gradients; plan = [(steps, world_size)]."""
     cls, kw = _cls(opt_name)
-    master = [p.detach().float().clone().requires_grad_() for p in _model(dtype)]
-    ref = cls(master, **kw)
-    if opt_name == "sf":
-        ref.train()
-    for steps, world_size in plan:
-        for step in steps:
-            targets = _targets(step, world_size)
-            for i, p in enumerate(master):
-                p.grad = sum(t[i] for t in targets) / world_size
-            ref.step()
-    return ref, master
+    return averaged_reference(cls, kw, _model(dtype), _targets, plan)
 
 
 def _save_at(rank, world_size, root):

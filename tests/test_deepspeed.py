@@ -12,6 +12,7 @@ pytest.importorskip("deepspeed", reason="pip install zero-sf[deepspeed]")
 
 import zero_sf  # noqa: E402
 from tests.distributed import spawn  # noqa: E402
+from tests.helpers import averaged_reference  # noqa: E402
 
 SHAPES = [(13, 7), (7,), (5, 3), (3,)]
 SF_KW = dict(lr=1e-2, warmup_steps=2, weight_decay=0.01)
@@ -60,19 +61,7 @@ def _config(stage, bf16, clip, opt_name="sf", via_config=True):
 def _reference(opt_name, plan, clip):
     """Single process: fp32 master, averaged grads, torch's clipping."""
     cls, kw = (zero_sf.ScheduleFreeAdamW, SF_KW) if opt_name == "sf" else (zero_sf.RMSProp, RMS_KW)
-    master = [p.detach().float().clone().requires_grad_() for p in Targets().ps]
-    ref = cls(master, **kw)
-    if opt_name == "sf":
-        ref.train()
-    for steps, world_size in plan:
-        for step in steps:
-            ts = _targets(step, world_size)
-            for i, p in enumerate(master):
-                p.grad = sum(t[i] for t in ts) / world_size
-            if clip:
-                torch.nn.utils.clip_grad_norm_(master, clip)
-            ref.step()
-    return ref, master
+    return averaged_reference(cls, kw, Targets().ps, _targets, plan, clip=clip)
 
 
 def _train(engine, rank, world_size, steps):

@@ -100,6 +100,14 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                     f"torch.view_as_real(p) instead")
         super().add_param_group(param_group)
 
+    def _closure_then_active_params(self, closure):
+        """Run the closure (with grad enabled), then :meth:`_active_params`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        return loss, self._active_params()
+
     def _grad(self, p: Tensor) -> Optional[Tensor]:
         return self._grads.get(id(p), p.grad) if self._grads else p.grad
 

@@ -84,11 +84,7 @@ class RMSProp(ZeroSFOptimizer):
              grad_scale: float = 1.0) -> Optional[float]:
         """One step.  ``grad_scale`` multiplies every gradient inside the fused
         update (the sharded optimizer folds 1/world_size and clipping into it)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        active = self._active_params()
+        loss, active = self._closure_then_active_params(closure)
         for group, pairs in zip(self.param_groups, active):
             grads = {id(p): g for p, g in pairs}
             params = [p for p, _ in pairs]

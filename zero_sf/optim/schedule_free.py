@@ -119,11 +119,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         update (the sharded optimizer folds 1/world_size and clipping into it)."""
         if not all(g["train_mode"] for g in self.param_groups):
             raise eval_mode_error(type(self).__name__)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        active = self._active_params()
+        loss, active = self._closure_then_active_params(closure)
         for group, pairs in zip(self.param_groups, active):
             params = [p for p, _ in pairs]
             beta1, beta2 = group["betas"]

@@ -18,18 +18,25 @@ def world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+# torch 2.13 renamed the flat collectives (the old names warn); keep both.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _active(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def reduce_scatter_sum(out: Tensor, inp: Tensor, group, async_op: bool = False):
     """Sum ``inp`` over ranks; rank r receives chunk r into ``out``.  Summing
-    (not averaging) lets the 1/N fold into the optimizer kernel's grad scale."""
+    (not averaging) lets the 1/N fold into the optimizer kernel's grad scale.
+    ``out`` may be the rank's own chunk of ``inp`` (in place: NCCL and gloo
+    both allow it)."""
     if not _active(group):
-        out.copy_(inp)
+        if out.data_ptr() != inp.data_ptr():
+            out.copy_(inp)
         return None
-    return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group,
-                                      async_op=async_op)
+    return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 def all_gather(out: Tensor, inp: Tensor, group) -> None:
@@ -39,7 +46,7 @@ def all_gather(out: Tensor, inp: Tensor, group) -> None:
         if inp.data_ptr() != out.data_ptr():
             out.copy_(inp)
         return
-    dist.all_gather_into_tensor(out, inp, group=group)
+    _all_gather(out, inp, group=group)
 
 
 def all_reduce_sum(t: Tensor, group) -> Tensor:

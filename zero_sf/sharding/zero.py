@@ -82,6 +82,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self._clip_coef: Optional[float] = None
         self._grad_norm: Optional[float] = None
+        self._grads_reduced = False
 
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._check_params()
@@ -99,7 +100,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.inner = optimizer_class(inner_groups, **defaults)
         for bi in range(len(self.buffers)):
             low = self._master[bi] is not None  # bf16 copy written by the kernel
-            for y, g, out in zip(self._y_chunks[bi], self._split_shard(bi, self._grad_shard[bi]),
+            for y, g, out in zip(self._y_chunks[bi], self._grad_chunks[bi],
                                  self._param_chunks(bi)):
                 self.inner.bind(y, grad=g, out=out if low else None)
         if stage == 2:
@@ -146,7 +147,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _build_storage(self) -> None:
         """Flat buffers; params become views; rank 0's values everywhere."""
         self._flat: list[Tensor] = []
-        self._grad_shard: list[Tensor] = []
+        # Stage 2: a contiguous gradient shard; stage 1 has none -- the
+        # reduce-scatter lands in place in the rank's chunks of the full buffer.
+        self._grad_shard: list[Optional[Tensor]] = []
+        self._grad_chunks: list[list[Tensor]] = []
         self._flat_grad: list[Optional[Tensor]] = []
         self._master: list[Optional[Tensor]] = []
         self._y_chunks: list[list[Tensor]] = []
@@ -163,16 +167,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         self._slot_of[id(p)] = (bi, bk, slot.offset, slot.numel)
                 comm.broadcast_from_first(flat, self.process_group)
                 self._flat.append(flat)
-                grad_shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
-                self._grad_shard.append(grad_shard)
                 if self.stage == 1:
                     fg = torch.zeros(buf.numel, dtype=buf.dtype, device=self.device)
                     for slot in buf.slots:
                         p = self._params[slot.index]
                         p.grad = fg[slot.offset:slot.offset + slot.numel].view_as(p)
                     self._flat_grad.append(fg)
+                    self._grad_shard.append(None)
+                    self._grad_chunks.append([fg[slice(*b.chunk_range(self.rank))] for b in buf.buckets])
                 else:
+                    shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
                     self._flat_grad.append(None)
+                    self._grad_shard.append(shard)
+                    self._grad_chunks.append(self._split_shard(bi, shard))
                 low = state_dtype_for(flat) != flat.dtype
                 if low:
                     master = torch.cat([c.float() for c in self._param_chunks(bi)])
@@ -227,7 +234,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 s.clear()
 
     def _launch(self, bi: int, bk: int) -> None:
-        chunk = self._split_shard(bi, self._grad_shard[bi])[bk]
+        chunk = self._grad_chunks[bi][bk]
         # First micro-batch: reduce straight into the shard; later ones add.
         out = chunk if (bi, bk) not in self._reduced else torch.empty_like(chunk)
         staging = self._staging.pop((bi, bk))
@@ -267,7 +274,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _reduce_grads(self) -> None:
-        """Make every rank's gradient shard hold the sum over ranks."""
+        """Make every rank's gradient chunks hold the sum over ranks (once per step)."""
+        if self._grads_reduced:
+            return
         if self.stage == 2:
             # Params whose gradient has not arrived in the current backward
             # round, or no backward since the last step at all.
@@ -277,6 +286,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if missing:
                 raise self._missing_grad_error(missing)
             self._finish()
+            self._grads_reduced = True
             return
         missing = [s.index for buf in self.buffers for s in buf.slots
                    if s.index not in self._got_grad or self._params[s.index].grad is None]
@@ -291,24 +301,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad.reshape(-1))
                     p.grad = view.view_as(p)
-            for b, chunk in zip(buf.buckets, self._split_shard(bi, self._grad_shard[bi])):
+            for b, chunk in zip(buf.buckets, self._grad_chunks[bi]):  # in place
                 works.append(comm.reduce_scatter_sum(chunk, fg[b.start:b.start + b.numel],
                                                      self.process_group, async_op=True))
         for w in works:
             if w is not None:
                 w.wait()
+        self._grads_reduced = True
 
     def _zero_grads(self) -> None:
-        for gs in self._grad_shard:
-            gs.zero_()
-        for fg in self._flat_grad:
-            if fg is not None:
-                fg.zero_()
+        for t in self._grad_shard + self._flat_grad:
+            if t is not None:
+                t.zero_()
         if self.stage == 2:
             self._reduced.clear()
         else:
             self._got_grad.clear()
         self._clip_coef = self._grad_norm = None
+        self._grads_reduced = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are consumed by step(); this clears any accumulated since."""
@@ -324,8 +334,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _global_norm(self) -> float:
         """2-norm of the *averaged* gradient; one scalar all-reduce, one sync."""
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for gs in self._grad_shard:
-            sq += gs.float().pow(2).sum()
+        for chunks in self._grad_chunks:
+            for g in chunks:
+                sq += g.float().pow(2).sum()
         comm.all_reduce_sum(sq, self.process_group)
         return math.sqrt(sq.item()) / self.world_size
 

@@ -1,0 +1,197 @@
+"""Train a small GPT on Python's own help text with zero_sf, under torchrun.
+
+Single node, 2 CPU processes (gloo) or GPUs (NCCL, chosen automatically):
+
+    torchrun --nproc_per_node=2 launch/train.py
+    torchrun --nproc_per_node=8 launch/train.py --stage 2 --dtype bf16
+
+Multi-node (run on every node):
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:29400 --rdzv-id=job1 launch/train.py
+
+Checkpoints (zero_sf.save/load) resume at any world size:
+
+    torchrun --nproc_per_node=2 launch/train.py --steps 200 --save ckpt
+    torchrun --nproc_per_node=1 launch/train.py --steps 300 --resume ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt import GPT, batch, corpus, split  # noqa: E402
+
+import zero_sf  # noqa: E402
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--optimizer", default="zero-sf",
+                    choices=["zero-sf", "zero-rmsprop", "sf", "rmsprop", "adamw"],
+                    help="zero-sf: ZeroOptimizer(ScheduleFreeAdamW); zero-rmsprop: "
+                         "ZeroOptimizer(RMSProp, bias_correction); sf / rmsprop: DDP + the "
+                         "single-device optimizer; adamw: DDP + torch AdamW, warmup + cosine")
+    ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--max-norm", type=float, default=1.0)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="parameter dtype (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save", default=None, help="checkpoint directory, written at the end")
+    ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def setup():
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return rank, world, device
+
+
+def build_optimizer(args, model, world):
+    lr = args.lr
+    if args.optimizer == "zero-sf":
+        return zero_sf.ZeroScheduleFreeAdamW(model.parameters(), stage=args.stage,
+                                             lr=lr or 3e-3, warmup_steps=args.warmup,
+                                             weight_decay=args.weight_decay,
+                                             max_norm=args.max_norm or None)
+    if args.optimizer == "zero-rmsprop":
+        return zero_sf.ZeroOptimizer(model.parameters(), zero_sf.RMSProp, stage=args.stage,
+                                     lr=lr or 1e-3, alpha=0.999, bias_correction=True,
+                                     max_norm=args.max_norm or None)
+    if args.optimizer == "sf":
+        return zero_sf.ScheduleFreeAdamW(model.parameters(), lr=lr or 3e-3,
+                                         warmup_steps=args.warmup, weight_decay=args.weight_decay)
+    if args.optimizer == "rmsprop":
+        return zero_sf.RMSProp(model.parameters(), lr=lr or 1e-3, alpha=0.999,
+                               bias_correction=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, weight_decay=args.weight_decay)
+
+
+def optimizer_bytes(opt) -> int:
+    if isinstance(opt, zero_sf.ZeroOptimizer):
+        held = opt.memory_bytes()
+        return held["optimizer_state"] + held["master"]
+    return sum(v.numel() * v.element_size() for s in opt.state.values()
+               for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    rank, world, device = setup()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.manual_seed(args.seed)
+    model = GPT(dim=args.dim, layers=args.layers, seq=args.seq).to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = build_optimizer(args, model, world)
+    sharded = isinstance(opt, zero_sf.ZeroOptimizer)
+    net = model
+    if not sharded and world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    sched = None
+    if args.optimizer == "adamw":  # the baseline needs a schedule: warmup + cosine to 0
+        import math
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup)
+                                                  * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    has_modes = hasattr(opt, "train")
+    if has_modes:
+        opt.train()
+    start = 0
+    if args.resume:
+        if not sharded:
+            raise SystemExit("--resume needs a zero-* optimizer (zero_sf.load)")
+        zero_sf.load(args.resume, model, opt)
+        start = opt.param_groups[0].get("k", opt.param_groups[0].get("step", 0))
+        if has_modes:
+            opt.train()
+    train_data, val_data = split(corpus())
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank + 7919 * start)
+    if rank == 0:
+        print(f"zero_sf {zero_sf.__version__} | torch {torch.__version__} | {world} rank(s) on "
+              f"{device.type} ({dist.get_backend() if dist.is_initialized() else 'no process group'}) | "
+              f"{args.optimizer}{f' stage {args.stage}' if sharded else ''} | {dtype} | "
+              f"{n_params/1e6:.2f}M params | {len(train_data)/1e3:.0f}K training bytes", flush=True)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        if has_modes:
+            opt.eval()  # Schedule-Free: evaluate at x
+        model.eval()
+        g = torch.Generator().manual_seed(1234 + rank)
+        losses = [model(*(t.to(device) for t in batch(val_data, args.batch, args.seq, g))).item()
+                  for _ in range(8)]
+        loss = torch.tensor(sum(losses) / len(losses), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= world
+        model.train()
+        if has_modes:
+            opt.train()
+        return loss.item()
+
+    history = {"train": [], "val": []}
+    t0, tokens, running = time.time(), 0, None
+    for step in range(start, args.steps):
+        x, y = (t.to(device) for t in batch(train_data, args.batch, args.seq, gen))
+        loss = net(x, y)
+        loss.backward()
+        if not sharded and args.max_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched:
+            sched.step()
+        tokens += x.numel() * world
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        history["train"].append((step + 1, loss.item()))
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            done = (step + 1 - start) / max(1, args.steps - start)
+            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            print(f"[{bar}] step {step + 1}/{args.steps} loss {running:.3f} "
+                  f"{tokens / (time.time() - t0):,.0f} tok/s "
+                  f"optimizer {optimizer_bytes(opt) / 2**20:.2f} MiB/rank", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            v = evaluate()
+            history["val"].append((step + 1, v))
+            if rank == 0:
+                print(f"  eval at step {step + 1}: val loss {v:.3f}"
+                      f"{' (x, optimizer in eval mode)' if has_modes else ''}", flush=True)
+    if args.save:
+        if not sharded:
+            raise SystemExit("--save needs a zero-* optimizer (zero_sf.save)")
+        path = zero_sf.save(args.save, model, opt)
+        if rank == 0:
+            print(f"saved {path} at step {args.steps} from {world} rank(s)", flush=True)
+    return history
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
