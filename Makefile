@@ -29,5 +29,11 @@ demo: $(STAMP)
 	$(VENV)/bin/torchrun --nproc_per_node=2 launch/train.py --steps 300 --save runs/demo
 	$(VENV)/bin/torchrun --nproc_per_node=1 launch/train.py --steps 340 --batch 32 --eval-every 40 --resume runs/demo
 
+# Benchmarks (minutes on 2 CPU cores; on a GPU machine they time the kernels too).
+bench: $(STAMP)
+	$(PY) benchmarks/step_throughput.py
+	$(PY) benchmarks/memory_scaling.py
+	$(PY) benchmarks/convergence.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

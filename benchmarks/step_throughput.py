@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import environment, median_time, write_json  # noqa: E402
 
-import zero_sf  # noqa: E402
 from zero_sf import functional as F  # noqa: E402
 from zero_sf.spec import sf_scalars  # noqa: E402
 

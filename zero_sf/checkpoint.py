@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 import torch
@@ -53,6 +54,15 @@ def _no_dist() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+def _dcp(fn, *args, **kwargs):
+    """DCP call; without a process group DCP warns that it assumes one
+    process, which is what ``no_dist=True`` already says."""
+    with warnings.catch_warnings():
+        if kwargs.get("no_dist"):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
+
+
 def save(path: str, model: nn.Module, optimizer: ZeroOptimizer) -> str:
     """Collective: every rank of the optimizer's group calls it.  Returns the
     version directory written."""
@@ -69,7 +79,7 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer) -> str:
     if optimizer.rank == 0:
         os.makedirs(path, exist_ok=True)
     comm.barrier(group)
-    dcp.save(sd, checkpoint_id=target, no_dist=_no_dist(), process_group=group)
+    _dcp(dcp.save, sd, checkpoint_id=target, no_dist=_no_dist(), process_group=group)
     comm.barrier(group)
     if optimizer.rank == 0:
         tmp = os.path.join(path, f".LATEST.{version}")
@@ -101,7 +111,7 @@ def load(path: str, model: nn.Module, optimizer: ZeroOptimizer) -> None:
     target = _current(path)
     entries = FileSystemReader(target).read_metadata().state_dict_metadata
     meta_t = torch.empty(entries["meta"].size, dtype=torch.uint8)
-    dcp.load({"meta": meta_t}, checkpoint_id=target, no_dist=_no_dist(), process_group=group)
+    _dcp(dcp.load, {"meta": meta_t}, checkpoint_id=target, no_dist=_no_dist(), process_group=group)
     meta = json.loads(bytes(meta_t.tolist()).decode())
     mine = _signature(model, optimizer)
     for key in ("format", "optimizer", "params"):
@@ -148,8 +158,8 @@ def load(path: str, model: nn.Module, optimizer: ZeroOptimizer) -> None:
                 reads.setdefault(name, torch.empty(n, dtype=entries[name].properties.dtype))
                 plan.append((dst, lo - start, reads[name], lo - s0, hi - lo))
     model_sd = model.state_dict()
-    dcp.load({"model": model_sd, **reads}, checkpoint_id=target, no_dist=_no_dist(),
-             process_group=group)
+    _dcp(dcp.load, {"model": model_sd, **reads}, checkpoint_id=target, no_dist=_no_dist(),
+         process_group=group)
     # model_sd's tensors are the parameters themselves (views into the flat
     # buffers), so the model is loaded in place; now the optimizer pieces.
     for dst, d0, src, s0, n in plan:

@@ -12,7 +12,6 @@ import importlib.util
 import os
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from . import spec

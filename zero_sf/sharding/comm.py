@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

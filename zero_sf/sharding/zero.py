@@ -30,7 +30,7 @@ from torch import Tensor
 from ..optim import ScheduleFreeAdamW
 from ..optim._base import state_dtype_for
 from . import comm
-from .layout import FlatBuffer, build_layout
+from .layout import build_layout
 
 __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
 
