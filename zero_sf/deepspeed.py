@@ -215,7 +215,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
         flats.append(saved)
 
     # Module weights (DeepSpeed's own loader; the optimizer part is ours).
-    _, client_state = engine.load_checkpoint(load_dir, tag, load_module_only=True)
+    engine.load_checkpoint(load_dir, tag, load_module_only=True)
     rank = dist.get_rank(group=zopt.dp_process_group)
 
     def cut(pieces: list[torch.Tensor], size: int) -> torch.Tensor:

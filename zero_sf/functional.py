@@ -61,7 +61,7 @@ def _kernels():
     return kernels
 
 
-def _triton_ok(*tensors: Optional[Tensor]) -> bool:
+def _all_contiguous(*tensors: Optional[Tensor]) -> bool:
     """The kernels address tensors as flat arrays: all must be contiguous."""
     return all(t is None or t.is_contiguous() for t in tensors)
 
@@ -72,7 +72,7 @@ def _split(backend: str, n: int, tensor_lists) -> tuple[list[int], list[int]]:
         return [], list(range(n))
     fused, plain = [], []
     for i in range(n):
-        ok = _triton_ok(*(tl[i] if tl is not None else None for tl in tensor_lists))
+        ok = _all_contiguous(*(tl[i] if tl is not None else None for tl in tensor_lists))
         (fused if ok else plain).append(i)
     return fused, plain
 
@@ -90,7 +90,7 @@ def _torch_chunks(*tensors: Optional[Tensor]):
     tensors when small or not all contiguous."""
     first = tensors[0]
     n = first.numel()
-    if n <= _TORCH_CHUNK or not _triton_ok(*tensors):
+    if n <= _TORCH_CHUNK or not _all_contiguous(*tensors):
         yield tensors
         return
     flat = [t.view(-1) if t is not None else None for t in tensors]

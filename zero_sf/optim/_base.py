@@ -136,6 +136,16 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         return active
 
     # -- state dicts ------------------------------------------------------
+    def export_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's state as it appears in ``state_dict()`` (the
+        format peers load).  Identity here; subclasses convert host scalars."""
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {k: self.export_param_state(v) for k, v in sd["state"].items()}
+        return sd
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_outputs", {})

@@ -122,14 +122,11 @@ class RMSProp(ZeroSFOptimizer):
                     backend=group["backend"])
         return loss
 
-    # torch.optim.RMSprop keeps `step` as a 0-dim float tensor per param.
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"] = {
-            k: {**v, "step": torch.tensor(float(v["step"]))} if "step" in v else v
-            for k, v in sd["state"].items()
-        }
-        return sd
+    def export_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        # torch.optim.RMSprop keeps `step` as a 0-dim float tensor per param.
+        if "step" not in state:
+            return state
+        return {**state, "step": torch.tensor(float(state["step"]))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

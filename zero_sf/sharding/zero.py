@@ -487,7 +487,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bi, buf in enumerate(self.buffers):
             keys = sorted({k for y in self._y_chunks[bi] for k, v in self.inner.state.get(y, {}).items()
                            if torch.is_tensor(v) and v.shape == y.shape})
-            for bk, (b, y) in enumerate(zip(buf.buckets, self._y_chunks[bi])):
+            for b, y in zip(buf.buckets, self._y_chunks[bi]):
                 for key in keys:
                     chunk = self.inner.state[y][key]
                     whole = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
@@ -497,10 +497,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         part = whole[slot.offset - b.start:slot.offset - b.start + slot.numel]
                         full.setdefault(slot.index, {})[key] = part.view_as(p).clone()
             for slot in buf.slots:
-                if slot.index in full:
-                    per_param = scalars[buf.group]["per_param"]
-                    for k, v in per_param.items():  # torch keeps `step` as a tensor
-                        full[slot.index][k] = torch.tensor(float(v)) if k == "step" else v
+                if slot.index in full:  # host scalars (RMSProp's step), in the inner format
+                    full[slot.index] = self.inner.export_param_state(
+                        {**full[slot.index], **scalars[buf.group]["per_param"]})
         groups, start = [], 0
         for group, s in zip(self.param_groups, scalars):
             n = len(group["params"])
