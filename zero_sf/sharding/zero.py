@@ -1,27 +1,30 @@
-"""ZeRO stage 1/2 sharding of any zero_sf single-device optimizer.
+"""ZeRO stage 1/2 sharding of any zero_sf single-device optimizer: the step.
 
-This module moves bytes; it knows no update formula.  Per rank it holds, for
-its chunk of every bucket (see :mod:`.layout`): the gradient shard, the fp32
-master copy of ``y`` (bf16/fp16 models only; fp32 models update their chunk
-of the flat parameter buffer in place) and, inside the wrapped *inner*
-optimizer, that optimizer's state (``z``, ``exp_avg_sq`` for Schedule-Free
-AdamW).  A step is:
+This module orchestrates; it knows no update formula and moves no bytes by
+itself.  :mod:`.params` owns the model's flat parameter buffers and the fp32
+master chunks, :mod:`.grads` the gradients' way from autograd to this rank's
+summed chunks, :mod:`.comm` the collectives, and the wrapped *inner*
+optimizer the state (``z``, ``exp_avg_sq`` for Schedule-Free AdamW) and the
+fused update.  A step is:
 
-1. gradients -> ``reduce_scatter`` (sum) into the rank's gradient shard
-   (stage 1: at ``step()`` from full flat gradient buffers; stage 2: bucket by
-   bucket from gradient hooks during backward, full gradients freed);
-2. one scalar ``all_reduce`` of the squared norm: non-finite -> the step is
-   skipped on every rank; clipping and the 1/N average fold into one
-   ``grad_scale`` the fused kernel applies;
-3. the inner optimizer's fused update on the chunks, writing the bf16 copy
-   of ``y`` straight into the flat parameter buffer;
-4. ``all_gather`` of every bucket into the flat parameter buffer, which the
-   model's parameters view.
+1. adopt what the user did to the model since our last write (loaded
+   weights reach the master; a detached parameter is bound again);
+2. gradients -> this rank's summed chunks (stage 1: one reduce-scatter per
+   bucket at ``step()``; stage 2: from hooks during backward);
+3. one ``all_reduce`` of a few scalars: the squared gradient norm (clipping,
+   non-finite skip) and hashes of the hyperparameters and of the parameters
+   the user changed, so ranks that disagree raise before anything changes;
+4. the inner optimizer's fused update on the chunks, with 1/N and clipping
+   folded into one ``grad_scale``, writing the bf16 copy of ``y`` straight
+   into the flat parameter buffer;
+5. ``all_gather`` of every bucket into the flat buffers the model views.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,11 +33,24 @@ from torch import Tensor
 from ..optim import ScheduleFreeAdamW
 from ..optim._base import state_dtype_for
 from . import comm
+from .grads import FullGrads, ShardedGrads
 from .layout import build_layout
+from .params import FlatParams
 
 __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
 
 _HYPER_SKIP = ("params", "param_names")
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in _HYPER_SKIP}
+
+
+def _hash_parts(text: str) -> list[int]:
+    """Three 12-bit hashes of ``text``: small enough that sums of squares
+    over 4096 ranks are exact in float64 (see :meth:`ZeroOptimizer._agree`)."""
+    h = zlib.crc32(text.encode()) | (zlib.adler32(text.encode()) << 32)
+    return [(h >> (12 * j)) & 0xFFF for j in range(3)]
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -43,7 +59,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, the same on every rank (checked
-            with one collective at construction).
+            with one collective at construction, hyperparameters included).
         optimizer_class: a zero_sf single-device optimizer
             (:class:`ScheduleFreeAdamW` by default, or :class:`RMSProp`).
         stage: 1 (full gradients kept, reduce-scattered at ``step()``) or 2
@@ -55,10 +71,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             step (or call :meth:`clip_grad_norm_` yourself before ``step()``).
         **defaults: the inner optimizer's hyperparameters.
 
-    Gradients are consumed by ``step()``: accumulate over micro-batches, then
-    step.  Parameters are broadcast from rank 0 at construction, as DDP does.
-    The step reads one scalar back to the host (the global gradient norm) to
-    decide on skipping a non-finite step.
+    Gradients are consumed by ``step()``: accumulate over any number of
+    backward passes, then step; ``model.zero_grad()`` or this optimizer's
+    ``zero_grad()`` discard what came before, as in torch.  Parameters are
+    broadcast from rank 0 at construction, as DDP does; weights the user
+    writes later (``model.load_state_dict``) are what the next step updates.
+    The step reads one small vector back to the host (the global gradient
+    norm and the ranks' agreement checks).
     """
 
     def __init__(self, params, optimizer_class: type = ScheduleFreeAdamW, *,
@@ -68,6 +87,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
         if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"Invalid max_norm value: {max_norm!r} (expected a positive float)")
+        _check_process_group(process_group)
         # The inner class validates the hyperparameters and supplies its defaults.
         full_defaults = optimizer_class([torch.zeros(1)], **defaults).defaults
         self._constructed = False
@@ -82,7 +102,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self._clip_coef: Optional[float] = None
         self._grad_norm: Optional[float] = None
-        self._grads_reduced = False
+        self._user_changed: set[int] = set()  # params the user wrote since the last step
 
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._check_params()
@@ -90,26 +110,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             [[(self._index[id(p)], p.numel(), p.dtype) for p in g["params"] if p.requires_grad]
              for g in self.param_groups],
             world_size=self.world_size, bucket_numel=bucket_numel, align=align)
-        self._build_storage()
+        self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device)
+        grads_cls = ShardedGrads if stage == 2 else FullGrads
+        self.grads = grads_cls(self._params, self.buffers, self.rank, process_group, self.device,
+                               self._missing_grad_error)
         inner_groups = []
         for gi, group in enumerate(self.param_groups):
-            hyper = {k: v for k, v in group.items() if k not in _HYPER_SKIP}
             chunks = [c for bi, buf in enumerate(self.buffers) if buf.group == gi
-                      for c in self._y_chunks[bi]]
-            inner_groups.append({"params": chunks, **hyper})
+                      for c in self.weights.y_chunks[bi]]
+            inner_groups.append({"params": chunks, **_hyper(group)})
         self.inner = optimizer_class(inner_groups, **defaults)
         for bi in range(len(self.buffers)):
-            low = self._master[bi] is not None  # bf16 copy written by the kernel
-            for y, g, out in zip(self._y_chunks[bi], self._grad_chunks[bi],
-                                 self._param_chunks(bi)):
+            low = self.weights.master[bi] is not None  # bf16 copy written by the kernel
+            for y, g, out in zip(self.weights.y_chunks[bi], self.grads.chunks[bi],
+                                 self.weights.param_chunks(bi)):
                 self.inner.bind(y, grad=g, out=out if low else None)
-        if stage == 2:
-            self._install_hooks()
-        else:  # stage 1: only note which params received a gradient
-            self._got_grad: set[int] = set()
-            self._hooks = [p.register_post_accumulate_grad_hook(
-                lambda p: self._got_grad.add(self._index[id(p)]))
-                for p in self._params if p.requires_grad]
 
     # ------------------------------------------------------------------ setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -131,6 +146,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         signature = [(gi, tuple(p.shape), str(p.dtype), p.requires_grad)
                      for gi, g in enumerate(self.param_groups) for p in g["params"]]
         signature.append((self.stage, self.optimizer_class.__name__))
+        signature.extend(("group", gi, sorted((k, repr(v)) for k, v in _hyper(g).items()))
+                         for gi, g in enumerate(self.param_groups))
         everyone = comm.all_gather_objects(signature, self.process_group)
         for r, theirs in enumerate(everyone):
             if theirs != signature:
@@ -138,121 +155,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                             min(len(signature), len(theirs)))
                 mine = signature[diff] if diff < len(signature) else None
                 other = theirs[diff] if diff < len(theirs) else None
+                what = ("hyperparameters of param group" if mine and mine[0] == "group"
+                        else "parameters")
                 raise ValueError(
-                    f"ZeroOptimizer: parameters differ between rank {self.rank} and rank {r} "
-                    f"at entry #{diff}: (group, shape, dtype, requires_grad) {mine} vs {other} "
-                    f"({len(signature) - 1} vs {len(theirs) - 1} parameters); every rank must "
-                    "build the same model and pass the same param groups")
-
-    def _build_storage(self) -> None:
-        """Flat buffers; params become views; rank 0's values everywhere."""
-        self._flat: list[Tensor] = []
-        # Stage 2: a contiguous gradient shard; stage 1 has none -- the
-        # reduce-scatter lands in place in the rank's chunks of the full buffer.
-        self._grad_shard: list[Optional[Tensor]] = []
-        self._grad_chunks: list[list[Tensor]] = []
-        self._flat_grad: list[Optional[Tensor]] = []
-        self._master: list[Optional[Tensor]] = []
-        self._y_chunks: list[list[Tensor]] = []
-        self._slot_of: dict[int, tuple[int, int, int, int]] = {}
-        with torch.no_grad():
-            for bi, buf in enumerate(self.buffers):
-                flat = torch.zeros(buf.numel, dtype=buf.dtype, device=self.device)
-                for bk, bucket in enumerate(buf.buckets):
-                    for slot in bucket.slots:
-                        p = self._params[slot.index]
-                        view = flat[slot.offset:slot.offset + slot.numel]
-                        view.copy_(p.detach().reshape(-1))
-                        p.data = view.view_as(p)
-                        self._slot_of[id(p)] = (bi, bk, slot.offset, slot.numel)
-                comm.broadcast_from_first(flat, self.process_group)
-                self._flat.append(flat)
-                if self.stage == 1:
-                    fg = torch.zeros(buf.numel, dtype=buf.dtype, device=self.device)
-                    for slot in buf.slots:
-                        p = self._params[slot.index]
-                        p.grad = fg[slot.offset:slot.offset + slot.numel].view_as(p)
-                    self._flat_grad.append(fg)
-                    self._grad_shard.append(None)
-                    self._grad_chunks.append([fg[slice(*b.chunk_range(self.rank))] for b in buf.buckets])
-                else:
-                    shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
-                    self._flat_grad.append(None)
-                    self._grad_shard.append(shard)
-                    self._grad_chunks.append(self._split_shard(bi, shard))
-                low = state_dtype_for(flat) != flat.dtype
-                if low:
-                    master = torch.cat([c.float() for c in self._param_chunks(bi)])
-                    self._master.append(master)
-                    chunks = self._split_shard(bi, master)
-                else:
-                    self._master.append(None)
-                    chunks = self._param_chunks(bi)
-                self._y_chunks.append(chunks)
-
-    def _param_chunks(self, bi: int) -> list[Tensor]:
-        """This rank's chunk of every bucket, as views of the flat param buffer."""
-        return [self._flat[bi][slice(*b.chunk_range(self.rank))] for b in self.buffers[bi].buckets]
-
-    def _split_shard(self, bi: int, shard: Tensor) -> list[Tensor]:
-        buf = self.buffers[bi]
-        return [shard[o:o + b.chunk] for o, b in zip(buf.shard_offsets(), buf.buckets)]
-
-    # ------------------------------------------------------- stage 2: hooks
-    def _install_hooks(self) -> None:
-        self._bucket_order = [(bi, bk) for bi in reversed(range(len(self.buffers)))
-                              for bk in reversed(range(len(self.buffers[bi].buckets)))]
-        self._staging: dict[tuple[int, int], Tensor] = {}
-        self._seen: dict[tuple[int, int], set[int]] = {k: set() for k in self._bucket_order}
-        self._need = {(bi, bk): {s.index for s in b.slots}
-                      for bi, buf in enumerate(self.buffers) for bk, b in enumerate(buf.buckets)}
-        self._next = 0
-        self._inflight: list[tuple] = []
-        self._reduced: set[tuple[int, int]] = set()  # buckets with grads in the shard
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
-                       for p in self._params if p.requires_grad]
-
-    @torch.no_grad()
-    def _on_grad(self, p: Tensor) -> None:
-        bi, bk, offset, numel = self._slot_of[id(p)]
-        bucket = self.buffers[bi].buckets[bk]
-        staging = self._staging.get((bi, bk))
-        if staging is None:
-            staging = self._staging[(bi, bk)] = torch.zeros(bucket.numel, dtype=p.dtype, device=self.device)
-        start = offset - bucket.start
-        staging[start:start + numel].add_(p.grad.reshape(-1))
-        p.grad = None  # stage 2 keeps no full gradient
-        self._seen[(bi, bk)].add(self._index[id(p)])
-        # Launch in one fixed order on every rank (collectives must match).
-        while (self._next < len(self._bucket_order)
-               and self._seen[self._bucket_order[self._next]] >= self._need[self._bucket_order[self._next]]):
-            self._launch(*self._bucket_order[self._next])
-            self._next += 1
-        if self._next == len(self._bucket_order):  # a full backward: next round
-            self._next = 0
-            for s in self._seen.values():
-                s.clear()
-
-    def _launch(self, bi: int, bk: int) -> None:
-        chunk = self._grad_chunks[bi][bk]
-        # First micro-batch: reduce straight into the shard; later ones add.
-        out = chunk if (bi, bk) not in self._reduced else torch.empty_like(chunk)
-        staging = self._staging.pop((bi, bk))
-        work = comm.reduce_scatter_sum(out, staging, self.process_group, async_op=True)
-        self._reduced.add((bi, bk))
-        # Keep the staging buffer alive until the collective has read it.
-        self._inflight.append((work, out, chunk, staging))
-        if len(self._inflight) > 2:  # bound staging memory: ~2 buckets in flight
-            self._finish(1)
-
-    def _finish(self, n: Optional[int] = None) -> None:
-        n = len(self._inflight) if n is None else n
-        for work, out, chunk, _staging in self._inflight[:n]:
-            if work is not None:
-                work.wait()
-            if out is not chunk:
-                chunk.add_(out)
-        del self._inflight[:n]
+                    f"ZeroOptimizer: {what} differ between rank {self.rank} and rank {r} "
+                    f"at entry #{diff}: {mine} vs {other}; every rank must build the same "
+                    "model and pass the same param groups and hyperparameters")
 
     # ------------------------------------------------------------ gradients
     def _param_label(self, index: int) -> str:
@@ -272,73 +180,58 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "before step(); every rank must produce a gradient for every parameter "
             "(set requires_grad=False on unused ones, or leave them out of the optimizer)")
 
-    @torch.no_grad()
-    def _reduce_grads(self) -> None:
-        """Make every rank's gradient chunks hold the sum over ranks (once per step)."""
-        if self._grads_reduced:
-            return
-        if self.stage == 2:
-            # Params whose gradient has not arrived in the current backward
-            # round, or no backward since the last step at all.
-            missing = set().union(*(self._need[k] - self._seen[k] for k in self._bucket_order))
-            if not any(self._seen.values()) and len(self._reduced) == len(self._bucket_order):
-                missing = set()
-            if missing:
-                raise self._missing_grad_error(missing)
-            self._finish()
-            self._grads_reduced = True
-            return
-        missing = [s.index for buf in self.buffers for s in buf.slots
-                   if s.index not in self._got_grad or self._params[s.index].grad is None]
-        if missing:
-            raise self._missing_grad_error(missing)
-        works = []
-        for bi, buf in enumerate(self.buffers):
-            fg = self._flat_grad[bi]
-            for slot in buf.slots:  # a grad replaced by the user (e.g. set_to_none)
-                p = self._params[slot.index]
-                view = fg[slot.offset:slot.offset + slot.numel]
-                if p.grad.data_ptr() != view.data_ptr():
-                    view.copy_(p.grad.reshape(-1))
-                    p.grad = view.view_as(p)
-            for b, chunk in zip(buf.buckets, self._grad_chunks[bi]):  # in place
-                works.append(comm.reduce_scatter_sum(chunk, fg[b.start:b.start + b.numel],
-                                                     self.process_group, async_op=True))
-        for w in works:
-            if w is not None:
-                w.wait()
-        self._grads_reduced = True
-
-    def _zero_grads(self) -> None:
-        for t in self._grad_shard + self._flat_grad:
-            if t is not None:
-                t.zero_()
-        if self.stage == 2:
-            self._reduced.clear()
-        else:
-            self._got_grad.clear()
-        self._clip_coef = self._grad_norm = None
-        self._grads_reduced = False
-
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Gradients are consumed by step(); this clears any accumulated since."""
-        if self.stage == 2:
-            self._finish()
-            self._staging.clear()
-            self._next = 0
-            for s in self._seen.values():
-                s.clear()
-        self._zero_grads()
+        """Discard every gradient accumulated since the last step."""
+        self.grads.clear()
+        self._clip_coef = self._grad_norm = None
+
+    def adopt_model_writes(self) -> None:
+        """Bring weights the user wrote since our last write into the master
+        (called by step, eval/train and checkpoints)."""
+        self._user_changed.update(self.weights.adopt_user_writes())
+
+    def sync_from_model(self) -> None:
+        """Take the model's current values as the weights (into the fp32
+        master), for writes the optimizer cannot see: ``p.data.copy_(...)``.
+        Writes through the parameter (``load_state_dict``, ``nn.init``,
+        ``p.copy_``) and ``p.data = ...`` are picked up automatically."""
+        self._user_changed.update(self.weights.adopt_user_writes(force=True))
+
+    def _agreement(self) -> str:
+        """What every rank must agree on at every step: the hyperparameters
+        (a scheduler stepped on one rank only) and the parameters written
+        by the user (weights loaded on one rank only)."""
+        return repr(([sorted((k, repr(v)) for k, v in _hyper(g).items()) for g in self.param_groups],
+                     sorted(self._user_changed)))
 
     @torch.no_grad()
     def _global_norm(self) -> float:
-        """2-norm of the *averaged* gradient; one scalar all-reduce, one sync."""
+        """2-norm of the *averaged* gradient, and the ranks' agreement check:
+        one all-reduce of 7 scalars, one host sync.
+
+        Agreement: each rank adds (h, h*h) for three 12-bit hashes h of
+        :meth:`_agreement`; all h are equal iff N * sum(h*h) == sum(h)**2
+        (zero variance), exact in float64 for up to 4096 ranks."""
+        self.grads.reduce()
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for chunks in self._grad_chunks:
+        for chunks in self.grads.chunks:
             for g in chunks:
                 sq += g.float().pow(2).sum()
-        comm.all_reduce_sum(sq, self.process_group)
-        return math.sqrt(sq.item()) / self.world_size
+        hashes = _hash_parts(self._agreement())
+        vec = torch.tensor([0.0] + [x for h in hashes for x in (h, h * h)],
+                           dtype=torch.float64, device=self.device)
+        vec[0] = sq
+        comm.all_reduce_sum(vec, self.process_group)
+        sums = vec.tolist()
+        n = self.world_size
+        if any(n * sums[2 + 2 * j] != sums[1 + 2 * j] ** 2 for j in range(3)):
+            everyone = comm.all_gather_objects(self._agreement(), self.process_group)
+            detail = next(f"rank {r}: {a}" for r, a in enumerate(everyone) if a != everyone[0])
+            raise ValueError(
+                "ZeroOptimizer: ranks disagree on the hyperparameters or on which parameters "
+                f"the user changed since the last step (rank 0: {everyone[0]}; {detail}); "
+                "set learning rates, step schedulers and load weights on every rank alike")
+        return math.sqrt(sums[0]) / self.world_size
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the global gradient 2-norm to ``max_norm`` in the next step;
@@ -347,7 +240,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid norm_type value: {norm_type} (only 2.0 is supported)")
         if not max_norm > 0:
             raise ValueError(f"Invalid max_norm value: {max_norm}")
-        self._reduce_grads()
+        self.adopt_model_writes()
         self._grad_norm = self._global_norm()
         self._clip_coef = min(1.0, max_norm / (self._grad_norm + 1e-6))
         return torch.tensor(self._grad_norm)
@@ -355,17 +248,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- step
     def _sync_hyper_in(self) -> None:
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: v for k, v in outer.items() if k not in _HYPER_SKIP})
+            inner.update(_hyper(outer))
 
     def _sync_hyper_out(self) -> None:
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            outer.update({k: v for k, v in inner.items() if k not in _HYPER_SKIP})
-
-    @torch.no_grad()
-    def _gather_params(self) -> None:
-        for bi, buf in enumerate(self.buffers):
-            for b, chunk in zip(buf.buckets, self._param_chunks(bi)):
-                comm.all_gather(self._flat[bi][b.start:b.start + b.numel], chunk, self.process_group)
+            outer.update(_hyper(inner))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -379,8 +266,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.adopt_model_writes()
         if self._clip_coef is None:
-            self._reduce_grads()
             self._grad_norm = self._global_norm()
             if self.max_norm is not None:
                 self._clip_coef = min(1.0, self.max_norm / (self._grad_norm + 1e-6))
@@ -390,9 +277,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         else:
             grad_scale = (self._clip_coef or 1.0) / self.world_size
             self.inner.step(grad_scale=grad_scale)
-            self._gather_params()
+            self.weights.gather(self.process_group)
             self._sync_hyper_out()
-        self._zero_grads()
+        self._user_changed.clear()
+        self.zero_grad()
         return loss
 
     @property
@@ -405,9 +293,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         fn = getattr(self.inner, mode, None)
         if fn is None:  # optimizers without y/x modes (RMSProp)
             return
+        self.adopt_model_writes()
         self._sync_hyper_in()
         fn()
-        self._gather_params()
+        self.weights.gather(self.process_group)
         self._sync_hyper_out()
 
     def eval(self) -> None:
@@ -429,7 +318,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         only: the caller reads or writes the views.
         """
         for bi, buf in enumerate(self.buffers):
-            for b, y in zip(buf.buckets, self._y_chunks[bi]):
+            for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
                 a0, a1 = b.chunk_range(self.rank)
                 state = self.inner.state.get(y, {})
                 for slot in b.slots:
@@ -439,14 +328,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     cut = slice(lo - a0, hi - a0)
                     tensors = {k: v[cut] for k, v in state.items()
                                if torch.is_tensor(v) and v.shape == y.shape}
-                    if self._master[bi] is not None:
+                    if self.weights.master[bi] is not None:
                         tensors["master"] = y[cut]
                     yield slot.index, lo - slot.offset, hi - lo, tensors
 
     def ensure_state(self, keys) -> None:
         """Create the inner optimizer's elementwise state ``keys`` (zeros) where
         missing, so a checkpoint can be loaded before the first step."""
-        for chunks in self._y_chunks:
+        for chunks in self.weights.y_chunks:
             for y in chunks:
                 st = self.inner.state[y]
                 for k in keys:
@@ -457,6 +346,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Per group: hyperparameters and step scalars, plus the inner
         optimizer's non-tensor per-parameter state (RMSProp's ``step``),
         which every chunk of a group shares."""
+        self._sync_hyper_in()  # what param_groups hold now (a scheduler's lr), not the last step's
         out = []
         for group in self.inner.param_groups:
             per_param = {}
@@ -485,9 +375,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         full: dict[int, dict[str, Any]] = {}
         scalars = self.scalar_state()
         for bi, buf in enumerate(self.buffers):
-            keys = sorted({k for y in self._y_chunks[bi] for k, v in self.inner.state.get(y, {}).items()
+            keys = sorted({k for y in self.weights.y_chunks[bi] for k, v in self.inner.state.get(y, {}).items()
                            if torch.is_tensor(v) and v.shape == y.shape})
-            for b, y in zip(buf.buckets, self._y_chunks[bi]):
+            for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
                 for key in keys:
                     chunk = self.inner.state[y][key]
                     whole = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
@@ -522,13 +412,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
         inner_state = [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]
         return {
-            "params": nbytes(self._flat),
-            "grads": nbytes(self._grad_shard) + nbytes(self._flat_grad)
-            + (nbytes(list(self._staging.values()) + [f[3] for f in self._inflight])
-               if self.stage == 2 else 0),
-            "master": nbytes(self._master),
+            "params": nbytes(self.weights.flat),
+            "grads": nbytes(self.grads.held()),
+            "master": nbytes(self.weights.master),
             "optimizer_state": nbytes(inner_state),
         }
+
+
+def _check_process_group(process_group) -> None:
+    """torchrun sets WORLD_SIZE; without a process group every rank would
+    silently train its own model and overwrite the others' checkpoints."""
+    if process_group is not None or comm.world(None)[0] > 1:
+        return
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise RuntimeError(
+            f"ZeroOptimizer: WORLD_SIZE={world} is set (a torchrun or DeepSpeed launch), but "
+            "torch.distributed is not initialized, so every rank would train its own model; "
+            "call torch.distributed.init_process_group() before building the optimizer "
+            "(or unset WORLD_SIZE for a single-process run)")
 
 
 def ZeroScheduleFreeAdamW(params, *, stage: int = 2, process_group=None, **kwargs) -> ZeroOptimizer:

@@ -1,0 +1,306 @@
+"""Gradient arrival (DESIGN.md §9): from autograd to this rank's summed
+gradient chunks, with torch's semantics as the reference:
+
+* gradients from any number of backward passes before ``step()`` sum
+  (micro-batches, an auxiliary loss before or after the main one, a weight
+  tied across a reentrant activation checkpoint, whose hook fires twice);
+* ``model.zero_grad()`` (either ``set_to_none``) discards what came before;
+* every parameter that requires grad must receive one before ``step()``, on
+  every rank (as DDP without ``find_unused_parameters``).
+
+Two strategies with one interface -- ``reduce()`` makes ``chunks[bi][bk]``
+hold the sum over ranks of everything accumulated since the last ``clear()``:
+
+* :class:`FullGrads` (stage 1): ``p.grad`` views a full flat gradient buffer;
+  ``reduce()`` reduce-scatters it in place at ``step()``.
+* :class:`ShardedGrads` (stage 2): each gradient is added into its bucket's
+  staging buffer by a ``post_accumulate_grad`` hook and freed; a bucket is
+  reduce-scattered as soon as all its parameters arrived (in one fixed bucket
+  order on every rank: collectives must match), and whatever arrives later
+  (a second backward pass) is reduce-scattered at ``step()``, added to the
+  shard.  No full gradient is kept.  To see ``model.zero_grad()``, the
+  parameter's ``.grad`` holds a :class:`ReducedGrad` placeholder (zero
+  bytes per element: a 0-d zero, expanded) between its arrival and
+  ``step()``; ``zero_grad`` sets it to None or zeroes it in place (bumping
+  its version), and the next arrival or ``step()`` notices.
+
+No math here beyond the sums, no master weights, no optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch._C import DisableTorchFunctionSubclass
+
+from . import comm
+from .layout import FlatBuffer
+
+
+class ReducedGrad(Tensor):
+    """What ``p.grad`` holds under stage 2 once the gradient went into the
+    optimizer's shard: zeros that refuse arithmetic, so that reading them
+    (``clip_grad_norm_(model.parameters())``, a norm for logging) raises
+    instead of silently seeing 0, while ``zero_grad`` still works on them."""
+
+    _ALLOWED = frozenset({"__get__", "__set__", "zero_", "_foreach_zero_", "requires_grad_",
+                          "detach", "detach_", "size", "dim", "numel", "stride",
+                          "is_contiguous", "data_ptr", "untyped_storage", "_is_view",
+                          "_group_tensors_by_device_and_dtype"})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in cls._ALLOWED:
+            with DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(
+            f"ZeroOptimizer(stage=2): {name}() on a parameter's .grad, but that gradient was "
+            "already reduce-scattered into the optimizer's shard and freed (stage 2 keeps no "
+            "full gradients). Clip with ZeroOptimizer(max_norm=...) or "
+            "optimizer.clip_grad_norm_(); read the norm from optimizer.grad_norm; or use stage=1")
+
+
+def _placeholder(p: Tensor) -> Tensor:
+    return torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape).as_subclass(ReducedGrad)
+
+
+class _Base:
+    def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
+                 process_group, device: torch.device,
+                 missing_error: Callable[[list[int]], Exception]) -> None:
+        self.params = params
+        self.buffers = buffers
+        self.rank = rank
+        self.group = process_group
+        self.device = device
+        self.missing_error = missing_error
+        self.index = {id(params[s.index]): s.index for buf in buffers for s in buf.slots}
+        self.slot_of = {s.index: (bi, bk, s.offset, s.numel) for bi, buf in enumerate(buffers)
+                        for bk, b in enumerate(buf.buckets) for s in b.slots}
+        self.arrived: set[int] = set()  # params with a gradient since clear()
+        self.reduced = False
+
+    def _raise_missing(self) -> None:
+        missing = [i for i in self.slot_of if i not in self.arrived]
+        if missing:
+            raise self.missing_error(missing)
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class FullGrads(_Base):
+    """Stage 1: full flat gradient buffers that ``p.grad`` views."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flat: list[Tensor] = []
+        self.chunks: list[list[Tensor]] = []
+        for buf in self.buffers:
+            fg = torch.zeros(buf.numel, dtype=buf.dtype, device=self.device)
+            for slot in buf.slots:
+                p = self.params[slot.index]
+                p.grad = fg[slot.offset:slot.offset + slot.numel].view_as(p)
+            self.flat.append(fg)
+            self.chunks.append([fg[slice(*b.chunk_range(self.rank))] for b in buf.buckets])
+        self.hooks = [self.params[i].register_post_accumulate_grad_hook(
+            lambda p: self.arrived.add(self.index[id(p)])) for i in self.slot_of]
+
+    def _is_view(self, i: int, g: Tensor) -> bool:
+        bi, _, offset, _ = self.slot_of[i]
+        return g.data_ptr() == self.flat[bi][offset:].data_ptr()
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        if self.reduced:
+            return
+        # A gradient arrived by backward (hook) or was assigned by the user
+        # (a tensor other than our view); model.zero_grad() after the last
+        # backward leaves .grad None.
+        self.arrived = {i for i, g in ((i, self.params[i].grad) for i in self.slot_of)
+                        if g is not None and (i in self.arrived or not self._is_view(i, g))}
+        self._raise_missing()
+        works = []
+        for bi, buf in enumerate(self.buffers):
+            fg = self.flat[bi]
+            for slot in buf.slots:
+                # model.zero_grad() (set_to_none) before the last backward:
+                # autograd made a fresh .grad; it holds the whole sum since.
+                p = self.params[slot.index]
+                view = fg[slot.offset:slot.offset + slot.numel]
+                if p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad.reshape(-1))
+                    p.grad = view.view_as(p)
+            for b, chunk in zip(buf.buckets, self.chunks[bi]):  # in place
+                works.append(comm.reduce_scatter_sum(chunk, fg[b.start:b.start + b.numel],
+                                                     self.group, async_op=True))
+        for w in works:
+            if w is not None:
+                w.wait()
+        self.reduced = True
+
+    def clear(self) -> None:
+        for fg in self.flat:
+            fg.zero_()
+        self.arrived.clear()
+        self.reduced = False
+
+    def held(self) -> list[Tensor]:
+        return list(self.flat)
+
+
+class ShardedGrads(_Base):
+    """Stage 2: bucket staging buffers, reduce-scattered from hooks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shard: list[Tensor] = []
+        self.chunks: list[list[Tensor]] = []
+        for buf in self.buffers:
+            shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
+            self.shard.append(shard)
+            self.chunks.append([shard[o:o + b.chunk] for o, b in zip(buf.shard_offsets(), buf.buckets)])
+        # One fixed launch order on every rank: the reverse of the layout
+        # (backward produces the last layers' gradients first).
+        self.order = [(bi, bk) for bi in reversed(range(len(self.buffers)))
+                      for bk in reversed(range(len(self.buffers[bi].buckets)))]
+        self.need = {(bi, bk): {s.index for s in b.slots}
+                     for bi, buf in enumerate(self.buffers) for bk, b in enumerate(buf.buckets)}
+        self.staging: dict[tuple[int, int], Tensor] = {}
+        self.seen: dict[tuple[int, int], set[int]] = {k: set() for k in self.order}
+        self.next = 0  # position in `order` of the next bucket to launch
+        self.launched: set[tuple[int, int]] = set()  # buckets with a sum in the shard
+        self.inflight: list[tuple] = []
+        self.placeholders: dict[int, Tensor] = {}  # param index -> its ReducedGrad
+        self.hooks = []
+        for i in self.slot_of:
+            p = self.params[i]
+            self.hooks.append(p.register_hook(lambda g, i=i: self._before_accumulate(i, g)))
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    # -- zero_grad detection -------------------------------------------------
+    def _zeroed_by_user(self, i: int) -> bool:
+        """Param i had a gradient this step, and the user discarded it since."""
+        ph = self.placeholders.get(i)
+        if ph is None:
+            return False
+        g = self.params[i].grad
+        return g is not ph or ph._version != 0
+
+    @torch.no_grad()
+    def _discard(self, i: int) -> None:
+        """Drop param i's contributions so far (torch's zero_grad semantics):
+        from its pending staging buffer, and from this rank's chunk of the
+        sum where its bucket was reduced already.  Every rank does the same
+        for its own chunk when every rank called zero_grad (as training
+        loops do)."""
+        bi, bk, offset, numel = self.slot_of[i]
+        bucket = self.buffers[bi].buckets[bk]
+        staging = self.staging.get((bi, bk))
+        if staging is not None:
+            staging[offset - bucket.start:offset - bucket.start + numel].zero_()
+        if (bi, bk) in self.launched:
+            self._finish()
+            a0, a1 = bucket.chunk_range(self.rank)
+            lo, hi = max(a0, offset), min(a1, offset + numel)
+            if lo < hi:
+                self.chunks[bi][bk][lo - a0:hi - a0].zero_()
+        self.seen[(bi, bk)].discard(i)
+        if self.params[i].grad is None:  # zero_grad(set_to_none=True): no gradient
+            self.placeholders.pop(i)
+            self.arrived.discard(i)
+        else:  # zero_grad(set_to_none=False): a zero gradient, as in torch
+            self.params[i].grad = self.placeholders[i] = _placeholder(self.params[i])
+
+    def _before_accumulate(self, i: int, grad: Tensor) -> Tensor:
+        # A tensor hook runs before AccumulateGrad reads p.grad: take the
+        # placeholder away so autograd accumulates into a fresh tensor.
+        if self._zeroed_by_user(i):
+            self._discard(i)
+        p = self.params[i]
+        if self.placeholders.get(i) is not None and p.grad is self.placeholders[i]:
+            p.grad = None
+        return grad
+
+    # -- arrival ---------------------------------------------------------------
+    @torch.no_grad()
+    def _on_grad(self, p: Tensor) -> None:
+        i = self.index[id(p)]
+        bi, bk, offset, numel = self.slot_of[i]
+        bucket = self.buffers[bi].buckets[bk]
+        staging = self.staging.get((bi, bk))
+        if staging is None:
+            staging = self.staging[(bi, bk)] = torch.zeros(bucket.numel, dtype=p.dtype, device=self.device)
+        start = offset - bucket.start
+        staging[start:start + numel].add_(p.grad.reshape(-1))
+        p.grad = self.placeholders[i] = _placeholder(p)
+        self.arrived.add(i)
+        self.seen[(bi, bk)].add(i)
+        while self.seen[self.order[self.next]] >= self.need[self.order[self.next]]:
+            self._launch(*self.order[self.next])
+            self.next = (self.next + 1) % len(self.order)  # a full pass: next round
+
+    def _launch(self, bi: int, bk: int) -> None:
+        chunk = self.chunks[bi][bk]
+        # First sum of this bucket in the step: straight into the shard;
+        # later ones (more micro-batches, another backward) are added.
+        out = chunk if (bi, bk) not in self.launched else torch.empty_like(chunk)
+        staging = self.staging.pop((bi, bk))
+        work = comm.reduce_scatter_sum(out, staging, self.group, async_op=True)
+        self.launched.add((bi, bk))
+        self.seen[(bi, bk)].clear()
+        # The staging buffer stays alive until the collective has read it.
+        self.inflight.append((work, out, chunk, staging))
+        if len(self.inflight) > 2:  # bound staging memory: ~2 buckets in flight
+            self._finish(1)
+
+    def _finish(self, n: Optional[int] = None) -> None:
+        n = len(self.inflight) if n is None else n
+        for work, out, chunk, _staging in self.inflight[:n]:
+            if work is not None:
+                work.wait()
+            if out is not chunk:
+                chunk.add_(out)
+        del self.inflight[:n]
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        if self.reduced:
+            return
+        for i in list(self.placeholders):
+            if self._zeroed_by_user(i):
+                self._discard(i)
+        self._raise_missing()
+        # Whatever is still staged (a bucket some of whose params arrived
+        # only in an earlier pass, or again after its launch): reduce it now,
+        # in the fixed order.  Every rank ran the same backward passes, so
+        # every rank has the same buckets left.
+        for key in self.order:
+            if key in self.staging:
+                self._launch(*key)
+        self._finish()
+        self.next = 0
+        self.reduced = True
+
+    def clear(self) -> None:
+        self._finish()
+        for shard in self.shard:
+            shard.zero_()
+        self.staging.clear()
+        for s in self.seen.values():
+            s.clear()
+        for i in self.placeholders:
+            if self.params[i].grad is self.placeholders[i]:
+                self.params[i].grad = None
+        self.placeholders.clear()
+        self.launched.clear()
+        self.arrived.clear()
+        self.next = 0
+        self.reduced = False
+
+    def held(self) -> list[Tensor]:
+        return list(self.shard) + list(self.staging.values()) + [f[3] for f in self.inflight]

@@ -1,0 +1,155 @@
+"""The model's weights inside the sharded optimizer (DESIGN.md §9: "the model
+owns its weights").
+
+Bookkeeping only, no update math and no gradients.  Per (param group, dtype)
+the parameters become views of one *flat buffer*; this rank's chunk of every
+bucket is what the update writes, and for bf16/fp16 models a fp32 *master*
+copy of that chunk holds ``y`` (or ``x`` in eval mode) exactly.
+
+Anything a user does to the model between steps must reach the master:
+
+* a write through the parameter (``model.load_state_dict``, ``nn.init.*``,
+  ``p.copy_``) bumps the parameter's own version counter (``p._version``;
+  after ``p.data = view`` it is not shared with the flat buffer, so our own
+  all-gathers do not bump it).  :meth:`FlatParams.adopt_user_writes` compares
+  the counters with those recorded after our last write and copies the
+  changed elements into the master;
+* ``p.data = other`` (what ``model.float()`` / ``model.bfloat16()`` do)
+  detaches the parameter from its buffer: the same shape and dtype is bound
+  again (values copied in, as a plain torch optimizer keeps training such a
+  parameter), another dtype or device raises.
+
+Not seen: writes through ``p.data`` (a tensor with its own version counter).
+Call :meth:`FlatParams.adopt_user_writes` with ``force=True``
+(``ZeroOptimizer.sync_from_model()``) after such writes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..optim._base import state_dtype_for
+from . import comm
+from .layout import FlatBuffer
+
+
+class FlatParams:
+    """Flat parameter buffers, this rank's chunks of them, and fp32 masters."""
+
+    def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
+                 process_group, device: torch.device) -> None:
+        self.params = params
+        self.buffers = buffers
+        self.rank = rank
+        self.flat: list[Tensor] = []
+        self.master: list[Optional[Tensor]] = []
+        # Per buffer, this rank's chunk of every bucket: the tensors the inner
+        # optimizer updates (master chunks, or the flat buffer's own chunks).
+        self.y_chunks: list[list[Tensor]] = []
+        self.slot_of: dict[int, tuple[int, int, int, int]] = {}  # param index -> (buf, bucket, offset, numel)
+        with torch.no_grad():
+            for bi, buf in enumerate(buffers):
+                flat = torch.zeros(buf.numel, dtype=buf.dtype, device=device)
+                for bk, bucket in enumerate(buf.buckets):
+                    for slot in bucket.slots:
+                        p = params[slot.index]
+                        view = flat[slot.offset:slot.offset + slot.numel]
+                        view.copy_(p.detach().reshape(-1))
+                        p.data = view.view_as(p)
+                        self.slot_of[slot.index] = (bi, bk, slot.offset, slot.numel)
+                comm.broadcast_from_first(flat, process_group)  # as DDP does at start
+                self.flat.append(flat)
+                if state_dtype_for(flat) != flat.dtype:
+                    master = torch.cat([c.float() for c in self.param_chunks(bi)])
+                    self.master.append(master)
+                    self.y_chunks.append(self.split_shard(bi, master))
+                else:
+                    self.master.append(None)
+                    self.y_chunks.append(self.param_chunks(bi))
+        self._ptrs = {i: self._view(i).data_ptr() for i in self.slot_of}
+        self.mark_synced()
+
+    # ------------------------------------------------------------ geometry
+    def param_chunks(self, bi: int) -> list[Tensor]:
+        """This rank's chunk of every bucket, as views of the flat param buffer."""
+        return [self.flat[bi][slice(*b.chunk_range(self.rank))] for b in self.buffers[bi].buckets]
+
+    def split_shard(self, bi: int, shard: Tensor) -> list[Tensor]:
+        """A rank-contiguous shard of buffer ``bi`` cut into its bucket chunks."""
+        buf = self.buffers[bi]
+        return [shard[o:o + b.chunk] for o, b in zip(buf.shard_offsets(), buf.buckets)]
+
+    def _view(self, index: int) -> Tensor:
+        bi, _, offset, numel = self.slot_of[index]
+        return self.flat[bi][offset:offset + numel]
+
+    def owned(self, index: int):
+        """(bucket chunk index, lo, hi) of param ``index``'s elements this rank
+        owns, as offsets into that bucket chunk; None when it owns none."""
+        bi, bk, offset, numel = self.slot_of[index]
+        a0, a1 = self.buffers[bi].buckets[bk].chunk_range(self.rank)
+        lo, hi = max(a0, offset), min(a1, offset + numel)
+        return (bk, lo - a0, hi - a0) if lo < hi else None
+
+    # ------------------------------------------------------- user changes
+    def mark_synced(self) -> None:
+        """Record the parameters' version counters after our own writes."""
+        self._versions = {i: self.params[i]._version for i in self.slot_of}
+
+    def _rebind(self, index: int) -> None:
+        """``p.data`` was replaced: bind the parameter to its view again."""
+        p = self.params[index]
+        view = self._view(index)
+        if p.dtype != view.dtype or p.device != view.device or p.numel() != view.numel():
+            raise RuntimeError(
+                f"ZeroOptimizer: parameter #{index} was replaced by a tensor of dtype {p.dtype} "
+                f"on {p.device} with shape {tuple(p.shape)}, but it was sharded as dtype "
+                f"{view.dtype} on {view.device} with {view.numel()} elements (e.g. model.to("
+                f"{p.dtype}) after building the optimizer). Convert the model before building "
+                "the optimizer, or convert it back (model.to(dtype)) before the next step")
+        with torch.no_grad():
+            view.copy_(p.detach().reshape(-1))
+        p.data = view.view_as(p)
+
+    @torch.no_grad()
+    def adopt_user_writes(self, force: bool = False) -> list[int]:
+        """Bring every parameter the user changed since :meth:`mark_synced`
+        back into the flat buffer and the master.  Returns their indices.
+
+        Cost per call: one pointer and one version read per parameter
+        (host only); a pass over the changed parameters' owned elements."""
+        changed = []
+        for i, ptr in self._ptrs.items():
+            p = self.params[i]
+            if p.data_ptr() != ptr or p.dtype != self.flat[self.slot_of[i][0]].dtype:
+                self._rebind(i)
+                changed.append(i)
+            elif force or p._version != self._versions[i]:
+                changed.append(i)
+        for i in changed:
+            bi = self.slot_of[i][0]
+            own = self.owned(i)
+            if self.master[bi] is None or own is None:
+                continue  # fp32 models: the flat buffer *is* y
+            bk, lo, hi = own
+            model = self.param_chunks(bi)[bk][lo:hi]
+            master = self.y_chunks[bi][bk][lo:hi]
+            # Elements the user did not touch still round to the model's
+            # value: keep their fp32 bits; take the model's value elsewhere.
+            touched = model != master.to(model.dtype)
+            master.copy_(torch.where(touched, model.float(), master))
+        if changed:
+            self.mark_synced()
+        return changed
+
+    # -------------------------------------------------------------- gather
+    @torch.no_grad()
+    def gather(self, process_group) -> None:
+        """Every rank's chunks into every rank's flat buffers (the model)."""
+        for bi, buf in enumerate(self.buffers):
+            for b, chunk in zip(buf.buckets, self.param_chunks(bi)):
+                comm.all_gather(self.flat[bi][b.start:b.start + b.numel], chunk, process_group)
+        self.mark_synced()
