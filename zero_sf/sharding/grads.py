@@ -234,7 +234,8 @@ class ShardedGrads(_Base):
         bucket = self.buffers[bi].buckets[bk]
         staging = self.staging.get((bi, bk))
         if staging is None:
-            staging = self.staging[(bi, bk)] = torch.zeros(bucket.numel, dtype=p.dtype, device=self.device)
+            staging = self.staging[(bi, bk)] = torch.zeros(
+                bucket.numel, dtype=self.buffers[bi].dtype, device=self.device)
         start = offset - bucket.start
         staging[start:start + numel].add_(p.grad.reshape(-1))
         p.grad = self.placeholders[i] = _placeholder(p)
