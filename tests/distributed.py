@@ -5,6 +5,7 @@
 any rank fails the calling test with that rank's traceback.
 """
 
+import datetime
 import os
 import tempfile
 
@@ -14,8 +15,10 @@ import torch.multiprocessing as mp
 
 def _entry(rank, fn, world_size, store, args):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # A rank left waiting in a collective fails the test in 2 minutes
+    # instead of hanging the suite for gloo's default 30.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank, world_size, *args)
     finally:

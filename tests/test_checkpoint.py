@@ -155,3 +155,199 @@ def _consolidated(rank, world_size):
 
 def test_consolidated_state_dict_loads_into_single_device_optimizers():
     spawn(_consolidated, 2)
+
+
+# ------------------------------------------------- resume with a scheduler
+SCHEDULERS = {
+    "exponential": lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+}
+
+
+def _scheduled(rank, world_size, root):
+    """Save after 3 steps with a scheduler, resume (fresh model, optimizer and
+    scheduler, then their state), 4 more steps: identical to never stopping."""
+    for name, make in SCHEDULERS.items():
+        for stage, dtype in ((1, torch.float32), (2, torch.bfloat16)):
+            runs = []
+            for interrupted in (False, True):
+                model = _model(dtype)
+                opt = zero_sf.ZeroOptimizer(model.parameters(), stage=stage, **LAYOUT, **SF_KW)
+                sched = make(opt)
+                opt.train()
+                for step in range(7):
+                    if interrupted and step == 3:
+                        path = os.path.join(root, f"{name}-{stage}")
+                        zero_sf.save(path, model, opt)
+                        sched_state = sched.state_dict()
+                        model = _model(dtype)
+                        opt = zero_sf.ZeroOptimizer(model.parameters(), stage=stage, **LAYOUT, **SF_KW)
+                        sched = make(opt)
+                        zero_sf.load(path, model, opt)
+                        sched.load_state_dict(sched_state)
+                    _steps(model, opt, rank, world_size, [step])
+                    sched.step()
+                runs.append(([p.detach().clone() for p in model], opt.param_groups[0]["lr"]))
+            (a, lr_a), (b, lr_b) = runs
+            assert lr_a == lr_b, (name, lr_a, lr_b)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y), (name, stage)
+
+
+def test_lr_scheduler_resumes_to_the_identical_trajectory(tmp_path):
+    spawn(_scheduled, 2, str(tmp_path))
+
+
+def _hand_set_lr(rank, world_size, root):
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, rank, world_size, range(2))
+    opt.param_groups[0]["lr"] = 1.25e-3  # set by hand after the last step
+    zero_sf.save(root, model, opt)
+    fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
+    zero_sf.load(root, _model(torch.float32), fresh)
+    assert fresh.param_groups[0]["lr"] == 1.25e-3
+
+
+def test_learning_rate_set_before_save_is_restored(tmp_path):
+    spawn(_hand_set_lr, 2, str(tmp_path))
+
+
+# ------------------------------------------------- damaged or mismatched input
+def _save_versions(rank, world_size, root, versions):
+    model = _model(torch.bfloat16)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), stage=2, **LAYOUT, **SF_KW)
+    opt.train()
+    for v in range(versions):
+        _steps(model, opt, rank, world_size, range(3 * v, 3 * v + 3))
+        zero_sf.save(root, model, opt)
+
+
+def _fresh(dtype=torch.bfloat16):
+    model = _model(dtype)
+    with torch.no_grad():
+        for p in model:
+            p.add_(1.0)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), stage=2, **LAYOUT, **SF_KW)
+    return model, opt
+
+
+def _load_damaged(rank, world_size, root, match, kw=None):
+    model, opt = _fresh()
+    before = [p.detach().clone() for p in model]
+    with pytest.raises(RuntimeError, match=match) as info:
+        zero_sf.load(root, model, opt, **(kw or {}))
+    assert isinstance(info.value, zero_sf.CheckpointError)
+    assert all(torch.equal(a, b) for a, b in zip(before, model)), "model written before the error"
+    assert len(opt.inner.state) == 0 and opt.param_groups[0]["k"] == 0
+
+
+def _latest_files(root):
+    with open(os.path.join(root, "LATEST")) as f:
+        version = os.path.join(root, f.read().strip())
+    return sorted(os.path.join(version, n) for n in os.listdir(version) if n.endswith(".distcp"))
+
+
+def test_truncated_or_missing_file_raises_before_any_change(tmp_path):
+    root = str(tmp_path)
+    spawn(_save_versions, 2, root, 1)
+    files = _latest_files(root)
+    with open(files[-1], "r+b") as f:
+        f.truncate(os.path.getsize(files[-1]) // 2)
+    spawn(_load_damaged, 2, root, "is truncated")
+    os.remove(files[0])
+    spawn(_load_damaged, 2, root, f"{os.path.basename(files[0])}' is missing")
+
+
+def _flip(file, n=64):
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.seek(size // 2)
+        data = bytearray(f.read(n))
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0x5A for b in data))
+
+
+def _load_fallback(rank, world_size, root):
+    model, opt = _fresh()
+    with pytest.warns(RuntimeWarning, match="loaded the previous complete version"):
+        zero_sf.load(root, model, opt)
+    assert opt.param_groups[0]["k"] == 6  # the second of three versions: 6 steps
+    _steps(model, opt, rank, world_size, range(6, 9))
+    _, master = _reference(torch.bfloat16, "sf", [(range(9), world_size)])
+    _assert_model_is(model, master, torch.bfloat16)
+
+
+def test_flipped_bytes_are_detected_and_load_falls_back_to_the_previous_version(tmp_path):
+    root = str(tmp_path)
+    spawn(_save_versions, 2, root, 3)  # keep=2: the first of three is deleted
+    assert len([n for n in os.listdir(root) if n.startswith("v-")]) == 2
+    for file in _latest_files(root):
+        _flip(file)
+    spawn(_load_damaged, 2, root, "CRC-32|cannot read|failed", {"fallback": False})
+    spawn(_load_fallback, 2, root)
+
+
+def _negative_second_moment(rank, world_size, root):
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, rank, world_size, range(2))
+    for state in opt.inner.state.values():
+        state["exp_avg_sq"][:3] = -9.4e6
+    zero_sf.save(root, model, opt)  # checksums match: the values are what was saved
+    fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
+    with pytest.raises(RuntimeError, match="exp_avg_sq.* negative values"):
+        zero_sf.load(root, _model(torch.float32), fresh)
+
+
+def test_negative_second_moment_is_refused(tmp_path):
+    spawn(_negative_second_moment, 2, str(tmp_path))
+
+
+def _save_error_on_one_rank(rank, world_size, root):
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, rank, world_size, range(2))
+    bad = "/proc/zero_sf_unwritable/ckpt" if rank == 0 else root  # even root cannot mkdir in /proc
+    with pytest.raises(RuntimeError, match="failed on rank 0"):
+        zero_sf.save(bad, model, opt)
+    # Every rank raised and nobody waits in a collective: training goes on.
+    _steps(model, opt, rank, world_size, range(2, 3))
+    zero_sf.save(root, model, opt)
+
+
+def test_save_error_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn(_save_error_on_one_rank, 2, str(tmp_path))
+
+
+def _group_structure(rank, world_size, root):
+    model = _model(torch.float32)
+    ps = list(model.parameters())
+    two = zero_sf.ZeroOptimizer([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}],
+                                **LAYOUT, **SF_KW)
+    two.train()
+    _steps(model, two, rank, world_size, range(2))
+    zero_sf.save(os.path.join(root, "two"), model, two)
+    one = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
+    with pytest.raises(ValueError, match="param groups differ: the checkpoint has 2 groups"):
+        zero_sf.load(os.path.join(root, "two"), _model(torch.float32), one)
+    assert len(one.inner.state) == 0
+    one.train()
+    m1 = _model(torch.float32)
+    one = zero_sf.ZeroOptimizer(m1.parameters(), **LAYOUT, **SF_KW)
+    one.train()
+    _steps(m1, one, rank, world_size, range(2))
+    zero_sf.save(os.path.join(root, "one"), m1, one)
+    m2 = _model(torch.float32)
+    ps = list(m2.parameters())
+    two = zero_sf.ZeroOptimizer([{"params": ps[:2]}, {"params": ps[2:]}], **LAYOUT, **SF_KW)
+    with pytest.raises(ValueError, match="param groups differ"):
+        zero_sf.load(os.path.join(root, "one"), m2, two)
+
+
+def test_param_group_structure_mismatch_is_refused(tmp_path):
+    spawn(_group_structure, 2, str(tmp_path))
