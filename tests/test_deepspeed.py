@@ -178,3 +178,65 @@ def test_checkpoint_save_at_2_load_at_1_2_3(tmp_path):
     spawn(_save, 2, str(tmp_path))
     for world_size in (2, 1, 3):
         spawn(_resume, world_size, str(tmp_path), 2)
+
+
+def _fp16_config(stage):
+    cfg = _config(stage, False, 0.0)
+    del cfg["bf16"]
+    # 2**30 overflows at once: the dynamic scale halves on the skipped steps,
+    # so the scale at save differs from the initial one.
+    cfg["fp16"] = {"enabled": True, "initial_scale_power": 30, "loss_scale_window": 1000}
+    return cfg
+
+
+def _fp16_engine(stage):
+    import zero_sf.deepspeed as zsd
+    model = Targets()
+    engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(),
+                                config=_fp16_config(stage))
+    zsd.train(engine)
+    return engine
+
+
+def _loss_scale_resume(rank, world_size, root):
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    # DeepSpeed's CPU accelerator reports no fp16 support; torch's CPU ops
+    # run fp16 fine, and the loss-scale bookkeeping under test is host code.
+    from deepspeed.accelerator import get_accelerator
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    for stage in (1, 2):
+        engine = _fp16_engine(stage)
+        _train(engine, rank, world_size, range(4))
+        scale = engine.optimizer.loss_scaler.cur_scale
+        assert scale < 2**30 and engine.skipped_steps > 0
+        path = os.path.join(root, str(stage))
+        engine.save_checkpoint(path)
+        fresh = _fp16_engine(stage)
+        zsd.load_checkpoint(fresh, path)
+        assert fresh.optimizer.loss_scaler.cur_scale == scale, (stage, fresh.optimizer.loss_scaler.cur_scale, scale)
+        assert fresh.skipped_steps == engine.skipped_steps
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    spawn(_loss_scale_resume, 2, str(tmp_path))
+
+
+def _stage3_plain_initialize(rank, world_size):
+    import deepspeed
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    zsd.register()
+    cfg = _config(3, False, 0.0)
+    cfg["zero_allow_untested_optimizer"] = True
+    model = Targets()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for call in (zsd.train, zsd.eval):
+        with pytest.raises(ValueError, match="zero_optimization.stage=3"):
+            call(engine)
+    with pytest.raises(ValueError, match="zero_optimization.stage=3"):
+        zsd.load_checkpoint(engine, "/nonexistent")
+
+
+def test_stage3_from_a_plain_deepspeed_initialize_is_refused_clearly():
+    spawn(_stage3_plain_initialize, 2)

@@ -54,6 +54,10 @@ def register() -> None:
                                "zero_sf cannot register its optimizer under that name")
 
 
+_STAGE3_ERROR = ("zero_sf optimizers support DeepSpeed ZeRO stage 0, 1 and 2, got "
+                 "zero_optimization.stage=3; use stage 1 or 2 (or zero_sf.ZeroOptimizer)")
+
+
 def _as_dict(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
@@ -91,8 +95,7 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
     stage = int(zero.get("stage", 0))
     low = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16", "bfloat16"))
     if stage == 3:
-        raise ValueError("zero_sf optimizers support DeepSpeed ZeRO stage 0, 1 and 2, got "
-                         "zero_optimization.stage=3; use stage 1 or 2 (or zero_sf.ZeroOptimizer)")
+        raise ValueError(_STAGE3_ERROR)
     if stage == 0 and low:
         raise ValueError(
             "zero_sf optimizers cannot run under DeepSpeed ZeRO stage 0 with bf16/fp16: "
@@ -125,6 +128,9 @@ def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
 
 
 def _basic_optimizer(engine) -> ZeroSFOptimizer:
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    if stage == 3:  # reached through register() + a plain deepspeed.initialize
+        raise ValueError(_STAGE3_ERROR)
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", None)
     for candidate in (inner, opt):
@@ -216,6 +222,11 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
 
     # Module weights (DeepSpeed's own loader; the optimizer part is ours).
     engine.load_checkpoint(load_dir, tag, load_module_only=True)
+    # What DeepSpeed's own ZeRO loader restores besides the partitions: the
+    # fp16 loss scaler (else the scale restarts at its initial value and the
+    # first steps after every resume overflow and are skipped), the overflow
+    # flag and the clip value.  The same on every rank: take rank 0's.
+    zopt._load_global_state(sds[0])
     rank = dist.get_rank(group=zopt.dp_process_group)
 
     def cut(pieces: list[torch.Tensor], size: int) -> torch.Tensor:
