@@ -25,9 +25,21 @@ def close(out, ref, rtol=1e-6):
     torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * max(scale, 1e-30))
 
 
+def _scale(n, gen):
+    """Per-element gradient scales 1e-9 .. 1: where the scale is near eps,
+    eps's placement (outside or inside the root) changes the update, so the
+    tests can see it; v starts at the matching scale squared."""
+    return 10.0 ** torch.randint(-9, 1, (n,), generator=gen).float()
+
+
 def _sf_state(n, y_dtype, gen):
     y = torch.randn(n, generator=gen).to(y_dtype)
-    return y, y.float().clone(), torch.rand(n, generator=gen) * 1e-2
+    s = _scale(n, gen)
+    return y, y.float().clone(), torch.rand(n, generator=gen) * s * s, s
+
+
+def _grad(s, gen, dtype):
+    return (torch.randn(s.shape, generator=gen) * s).to(dtype)
 
 
 # Every dtype combination at every size but the largest, where two
@@ -42,12 +54,12 @@ def test_sf_adamw_flat_fp32_master(n, grad_dtype, out_dtype, case):
     """A ZeRO shard: fp32 master y, z, v; optional bf16/fp16 copy of y."""
     gen = torch.Generator().manual_seed(n)
     lr0, warmup, wd, r, wlp = case
-    y, z, v = _sf_state(n, torch.float32, gen)
+    y, z, v, scale = _sf_state(n, torch.float32, gen)
     y_ref, z_ref, v_ref = y.clone(), z.clone(), v.clone()
     y_out = torch.full((n,), float("nan"), dtype=out_dtype) if out_dtype else None
     lr_max, wsum = -1.0, 0.0
     for k in range(3):  # consecutive steps, with an eval/train round trip
-        g = torch.randn(n, generator=gen).to(grad_dtype)
+        g = _grad(scale, gen, grad_dtype)
         sc = spec.sf_scalars(k=k, lr=lr0, beta1=0.9, beta2=0.999, warmup_steps=warmup, r=r,
                              weight_lr_power=wlp, lr_max=lr_max, weight_sum=wsum)
         lr_max, wsum = sc.lr_max, sc.weight_sum
@@ -75,8 +87,8 @@ def test_sf_adamw_flat_fp32_master(n, grad_dtype, out_dtype, case):
 def test_sf_adamw_low_precision_y_in_place(n, dtype):
     """Single-device bf16/fp16 params: y is the param itself, state fp32."""
     gen = torch.Generator().manual_seed(7)
-    y, z, v = _sf_state(n, dtype, gen)
-    g = torch.randn(n, generator=gen).to(dtype)
+    y, z, v, scale = _sf_state(n, dtype, gen)
+    g = _grad(scale, gen, dtype)
     kw = dict(lr=1e-2, ck=0.25, y_coef=1e-2 * (0.9 * 0.75 - 1), beta2=0.99,
               bias_correction2=1 - 0.99**4, eps=1e-8, weight_decay=0.1)
     # The kernel's own fp32 y, from an fp32 run on the same inputs:
@@ -86,9 +98,10 @@ def test_sf_adamw_low_precision_y_in_place(n, dtype):
     assert torch.equal(y, y32.to(dtype))
     assert torch.equal(z, z32) and torch.equal(v, v32)
     # ... and that fp32 run agrees with the spec.
-    yr, zr, vr = _sf_state(n, dtype, torch.Generator().manual_seed(7))
-    spec.sf_adamw_update(yr.float(), g, zr, vr, **kw)
-    close(z, zr), close(v, vr)
+    yr, zr, vr, _ = _sf_state(n, dtype, torch.Generator().manual_seed(7))
+    yr32 = yr.float()
+    spec.sf_adamw_update(yr32, g, zr, vr, **kw)
+    close(y32, yr32), close(z, zr), close(v, vr)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,9 +111,10 @@ def test_multi_tensor_launch_matches_spec(dtype):
     sizes = [1, 3, 127, 128, 129, 1024, 1025, 5000, 17]
     gen = torch.Generator().manual_seed(3)
     ys = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
-    gs = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
+    scales = [_scale(s, gen) for s in sizes]
+    gs = [_grad(s, gen, dtype) for s in scales]
     zs = [torch.randn(s, generator=gen) for s in sizes]
-    vs = [torch.rand(s, generator=gen) for s in sizes]
+    vs = [torch.rand(s.shape, generator=gen) * s * s for s in scales]
     refs = [(y.clone(), z.clone(), v.clone()) for y, z, v in zip(ys, zs, vs)]
     kw = dict(lr=1e-2, ck=0.1, y_coef=-5e-3, beta2=0.999, bias_correction2=0.01,
               eps=1e-8, weight_decay=0.01)
@@ -131,11 +145,14 @@ def test_rmsprop_flat(n, momentum, centered, bias_correction, eps_in_sqrt, out_d
     buf = torch.randn(n, generator=gen) if momentum else None
     gavg = torch.randn(n, generator=gen) * 0.1 if centered else None
     # A reachable state: E[g^2] >= E[g]^2, so the centred variance is >= 0.
-    v = torch.rand(n, generator=gen) + (gavg**2 if centered else 0)
+    scale = _scale(n, gen)
+    if centered:
+        gavg = gavg * scale
+    v = torch.rand(n, generator=gen) * scale * scale + (gavg**2 if centered else 0)
     refs = [t.clone() if t is not None else None for t in (p, v, buf, gavg)]
     p_out = torch.full((n,), float("nan"), dtype=out_dtype) if out_dtype else None
     for t in range(1, 3):
-        g = torch.randn(n, generator=gen).to(torch.bfloat16)
+        g = _grad(scale, gen, torch.bfloat16)
         kw = dict(lr=1e-2, alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=momentum,
                   centered=centered, eps_in_sqrt=eps_in_sqrt, maximize=t == 2,
                   bias_correction2=1 - 0.9**t if bias_correction else 1.0, grad_scale=2.0)
