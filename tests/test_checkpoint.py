@@ -54,6 +54,7 @@ def _load_at(rank, world_size, root, saved_world_size):
         opt = zero_sf.ZeroOptimizer(model.parameters(), cls, stage=stage, **LAYOUT, **kw)
         zero_sf.load(os.path.join(root, str(i)), model, opt)
         assert opt.param_groups[0].get("train_mode", True)  # saved in train mode
+        _assert_state_is(opt, *_reference(dtype, opt_name, [(range(5), saved_world_size)]))
         _steps(model, opt, rank, world_size, range(5, 10))
         ref, master = _reference(dtype, opt_name, [(range(5), saved_world_size),
                                                    (range(5, 10), world_size)])
@@ -61,6 +62,26 @@ def _load_at(rank, world_size, root, saved_world_size):
         if opt_name == "sf":
             opt.eval(), ref.eval()
             _assert_model_is(model, master, dtype)
+
+
+def _assert_state_is(opt, ref, master):
+    """Every state tensor (consolidated: z and exp_avg_sq, or square_avg and
+    RMSProp's step as torch exports it) and this rank's fp32 master pieces."""
+    sd = opt.consolidated_state_dict()
+    for i, m in enumerate(master):
+        assert set(sd["state"][i]) == set(ref.state[m]), (sd["state"][i].keys(), ref.state[m].keys())
+        for key, want in ref.state[m].items():
+            got = sd["state"][i][key]
+            if torch.is_tensor(want) and want.dim() > 0:
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=key)
+            else:
+                assert torch.is_tensor(got) or key != "step"  # torch's format: a tensor
+                assert float(got) == float(want), key
+    for index, start, length, tensors in opt.shard_pieces():
+        if "master" in tensors:
+            torch.testing.assert_close(tensors["master"],
+                                       master[index].detach().reshape(-1)[start:start + length],
+                                       rtol=0, atol=1e-6)
 
 
 def test_save_at_4_load_at_1_2_3(tmp_path):
