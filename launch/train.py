@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
         if has_modes:
             opt.train()
     train_data, val_data = split(corpus())
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank + 7919 * start)
+    gen = torch.Generator()
     if rank == 0:
         print(f"zero_sf {zero_sf.__version__} | torch {torch.__version__} | {world} rank(s) on "
               f"{device.type} ({dist.get_backend() if dist.is_initialized() else 'no process group'}) | "
@@ -158,6 +158,9 @@ def main(argv=None) -> dict:
     history = {"train": [], "val": []}
     t0, tokens, running = time.time(), 0, None
     for step in range(start, args.steps):
+        # Each (rank, step) draws its own batch: a run resumed at the same
+        # world size sees exactly the data the uninterrupted run saw.
+        gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
         x, y = (t.to(device) for t in batch(train_data, args.batch, args.seq, gen))
         loss = net(x, y)
         loss.backward()

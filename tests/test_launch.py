@@ -39,6 +39,13 @@ def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     h2 = _run(1, small + ["--steps", "50", "--batch", "32", "--resume", ckpt], tmp_path, "b")
     assert h2["train"][0][0] == 41  # continued from the saved step
     assert h2["val"][-1][1] < h["val"][-1][1] + 0.1
+    # Resumed at the same world size: the very trajectory of a run that never
+    # stopped (losses equal to the last bit on CPU), so a corrupted reshard,
+    # a lost lr or a lost state tensor shows.
+    resumed = _run(2, small + ["--steps", "50", "--resume", ckpt], tmp_path, "c")
+    whole = _run(2, small + ["--steps", "50"], tmp_path, "d")
+    assert resumed["train"] == whole["train"][40:]
+    assert resumed["val"][-1] == whole["val"][-1]
 
 
 def _ds_train(rank, world_size, argv):
