@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench mutants clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_throughput.py
 	$(PY) benchmarks/memory_scaling.py
 	$(PY) benchmarks/convergence.py
+
+# Curated mutation testing (tools/mutants.py): each realistic bug must make
+# its tests fail.  ~20 minutes on 2 cores; run before resolving an issue that
+# touches spec.py, the kernels, sharding/ or the checkpoints.
+mutants: $(STAMP)
+	$(PY) tools/mutants.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

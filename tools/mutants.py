@@ -1,0 +1,142 @@
+"""Curated mutation testing: realistic bugs, one at a time, each with the
+tests that must catch it (``make mutants``; minutes on 2 cores, so not part
+of the default test run).
+
+Each mutant replaces one snippet (which must occur exactly once) in a copy
+of the tracked tree, runs its tests there, and is *killed* when they fail.
+A surviving mutant is either an equivalent one (say why, in its entry) or a
+blind spot of the suite: add a test.  Exit status 1 when any survives.
+
+    python tools/mutants.py            # all
+    python tools/mutants.py -k sharding   # those whose name contains the word
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+# (name, file, old snippet, new snippet, tests that must fail)
+MUTANTS = [
+    # -- the math (spec.py): tested against torch.optim and schedulefree
+    ("spec: bias correction one step late", "zero_sf/spec.py",
+     "bias_correction2=1.0 - beta2 ** (k + 1),", "bias_correction2=1.0 - beta2 ** (k + 2),",
+     ["tests/optim/test_schedule_free.py", "tests/test_spec.py"]),
+    ("spec: weight decay evaluated at z", "zero_sf/spec.py",
+     "u.add_(y32, alpha=weight_decay)", "u.add_(z, alpha=weight_decay)",
+     ["tests/optim/test_schedule_free.py", "tests/test_spec.py"]),
+    ("spec: y not averaged towards z", "zero_sf/spec.py",
+     "y32.lerp_(z, ck)", "y32.lerp_(z, 0.0)",
+     ["tests/optim/test_schedule_free.py", "tests/test_spec.py"]),
+    # -- the kernels: tested against the spec under TRITON_INTERPRET=1
+    ("kernel: eps inside the square root (SF-AdamW)", "zero_sf/kernels/triton_kernels.py",
+     "denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps",
+     "denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2) + eps)",
+     ["tests/kernels"]),
+    ("kernel: centred variance with the wrong sign", "zero_sf/kernels/triton_kernels.py",
+     "avg = v - gavg * gavg", "avg = v + gavg * gavg", ["tests/kernels"]),
+    # -- the optimizers' bookkeeping
+    ("RMSProp: the first parameter's step count for the whole group", "zero_sf/optim/rmsprop.py",
+     'by_step.setdefault(self.state[p]["step"], []).append(p)',
+     'by_step.setdefault(self.state[params[0]]["step"], []).append(p)',
+     ["tests/optim/test_rmsprop.py"]),
+    # -- sharding: tested against single processes fed the averaged gradients
+    ("sharding: grad_scale without 1/world_size", "zero_sf/sharding/zero.py",
+     "grad_scale = (self._clip_coef or 1.0) / self.world_size",
+     "grad_scale = (self._clip_coef or 1.0)",
+     ["tests/sharding/test_zero.py::test_matches_single_process"]),
+    ("sharding: stage 1 leaves the last bucket unreduced", "zero_sf/sharding/grads.py",
+     "for b, chunk in zip(buf.buckets, self.chunks[bi]):  # in place",
+     "for b, chunk in zip(buf.buckets[:-1], self.chunks[bi][:-1]):  # in place",
+     ["tests/sharding/test_zero.py::test_matches_single_process"]),
+    ("sharding: stage 2 micro-batches overwrite instead of adding", "zero_sf/sharding/grads.py",
+     "chunk.add_(out)", "chunk.copy_(out)",
+     ["tests/sharding/test_zero.py::test_matches_single_process"]),
+    ("sharding: stage 1 ignores a gradient the user replaced", "zero_sf/sharding/grads.py",
+     "view.copy_(p.grad.reshape(-1))", "pass",
+     ["tests/sharding/test_grads.py"]),
+    ("sharding: stage 2 zero_grad leaves the reduced sum", "zero_sf/sharding/grads.py",
+     "self.chunks[bi][bk][lo - a0:hi - a0].zero_()", "pass",
+     ["tests/sharding/test_grads.py"]),
+    ("sharding: weights written by the user are not seen", "zero_sf/sharding/params.py",
+     "elif force or p._version != self._versions[i]:", "elif force:",
+     ["tests/sharding/test_params.py"]),
+    ("sharding: the master takes the model's bf16 value everywhere", "zero_sf/sharding/params.py",
+     "touched = model != master.to(model.dtype)", "touched = model == model",
+     ["tests/sharding/test_params.py", "tests/test_checkpoint.py::test_save_at_4_load_at_1_2_3"]),
+    ("sharding: ranks that disagree are not detected", "zero_sf/sharding/zero.py",
+     "if any(n * sums[2 + 2 * j] != sums[1 + 2 * j] ** 2 for j in range(3)):", "if False:",
+     ["tests/sharding/test_params.py"]),
+    # -- checkpoints
+    ("checkpoint: the lr of the last step is saved", "zero_sf/sharding/zero.py",
+     "self._sync_hyper_in()  # what param_groups hold now", "pass  # what param_groups hold now",
+     ["tests/test_checkpoint.py"]),
+    ("checkpoint: checksums not verified", "zero_sf/checkpoint.py",
+     "if crcs.get(key) != _crc(t):", "if False:",
+     ["tests/test_checkpoint.py"]),
+    ("checkpoint: negative second moments accepted", "zero_sf/checkpoint.py",
+     "if key in _NONNEGATIVE and (t < 0).any():", "if False:",
+     ["tests/test_checkpoint.py"]),
+    # -- DeepSpeed
+    ("deepspeed: load_checkpoint skips the fp32 partition", "zero_sf/deepspeed.py",
+     "part.copy_(cut(flats[i], size))", "pass",
+     ["tests/test_deepspeed.py::test_checkpoint_save_at_2_load_at_1_2_3"]),
+    ("deepspeed: load_checkpoint resets the loss scaler", "zero_sf/deepspeed.py",
+     "zopt._load_global_state(sds[0])", "pass",
+     ["tests/test_deepspeed.py"]),
+]
+
+
+def _tracked(repo: str) -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if line]
+
+
+def run(mutant, repo: str, python: str) -> tuple[bool, float, str]:
+    name, file, old, new, tests = mutant
+    with tempfile.TemporaryDirectory(prefix="zero_sf-mutant-") as tmp:
+        for rel in _tracked(repo):
+            dst = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(os.path.join(repo, rel), dst)
+        path = os.path.join(tmp, file)
+        with open(path) as f:
+            text = f.read()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {name!r}: the snippet occurs {text.count(old)} times in "
+                             f"{file}, not once; update tools/mutants.py")
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+        env = dict(os.environ, PYTHONPATH=tmp, PYTHONDONTWRITEBYTECODE="1")
+        t0 = time.time()
+        proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider",
+                               *tests], cwd=tmp, env=env, capture_output=True, text=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        return proc.returncode != 0, time.time() - t0, tail[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    args = ap.parse_args()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    survivors = []
+    chosen = [m for m in MUTANTS if args.k in m[0]]
+    for i, m in enumerate(chosen, 1):
+        killed, seconds, tail = run(m, repo, sys.executable)
+        print(f"[{i}/{len(chosen)}] {'killed ' if killed else 'SURVIVED'} {seconds:5.0f}s  {m[0]}  "
+              f"({' '.join(m[4])}: {tail})", flush=True)
+        if not killed:
+            survivors.append(m[0])
+    print(f"{len(chosen) - len(survivors)} killed, {len(survivors)} survived"
+          + (f": {survivors}" if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
