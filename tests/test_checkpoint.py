@@ -91,10 +91,7 @@ def test_save_at_4_load_at_1_2_3(tmp_path):
 
 
 def _wrong_model(rank, world_size, root):
-    model = _model(torch.float32)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
-    opt.train()
-    _steps(model, opt, rank, world_size, range(2))
+    model, opt = _trained_sf(rank, world_size)
     zero_sf.save(root, model, opt)
     other = nn.ParameterList([nn.Parameter(torch.randn(s)) for s in [(31, 13), (31,)]])
     other_opt = zero_sf.ZeroOptimizer(other.parameters(), **LAYOUT, **SF_KW)
@@ -220,11 +217,17 @@ def test_lr_scheduler_resumes_to_the_identical_trajectory(tmp_path):
     spawn(_scheduled, 2, str(tmp_path))
 
 
-def _hand_set_lr(rank, world_size, root):
+def _trained_sf(rank, world_size, steps=2):
+    """A fp32 model and its sharded Schedule-Free optimizer after ``steps`` steps."""
     model = _model(torch.float32)
     opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
     opt.train()
-    _steps(model, opt, rank, world_size, range(2))
+    _steps(model, opt, rank, world_size, range(steps))
+    return model, opt
+
+
+def _hand_set_lr(rank, world_size, root):
+    model, opt = _trained_sf(rank, world_size)
     opt.param_groups[0]["lr"] = 1.25e-3  # set by hand after the last step
     zero_sf.save(root, model, opt)
     fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
@@ -312,10 +315,7 @@ def test_flipped_bytes_are_detected_and_load_falls_back_to_the_previous_version(
 
 
 def _negative_second_moment(rank, world_size, root):
-    model = _model(torch.float32)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
-    opt.train()
-    _steps(model, opt, rank, world_size, range(2))
+    model, opt = _trained_sf(rank, world_size)
     for state in opt.inner.state.values():
         state["exp_avg_sq"][:3] = -9.4e6
     zero_sf.save(root, model, opt)  # checksums match: the values are what was saved
@@ -329,10 +329,7 @@ def test_negative_second_moment_is_refused(tmp_path):
 
 
 def _save_error_on_one_rank(rank, world_size, root):
-    model = _model(torch.float32)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
-    opt.train()
-    _steps(model, opt, rank, world_size, range(2))
+    model, opt = _trained_sf(rank, world_size)
     bad = "/proc/zero_sf_unwritable/ckpt" if rank == 0 else root  # even root cannot mkdir in /proc
     with pytest.raises(RuntimeError, match="failed on rank 0"):
         zero_sf.save(bad, model, opt)
