@@ -369,3 +369,27 @@ def _group_structure(rank, world_size, root):
 
 def test_param_group_structure_mismatch_is_refused(tmp_path):
     spawn(_group_structure, 2, str(tmp_path))
+
+
+def test_flipped_bytes_inside_a_tensor_fail_its_checksum(tmp_path):
+    """Bytes flipped inside one tensor's data (headers intact, values still
+    finite and plausible): only the stored CRC-32 can tell.  One process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    root = str(tmp_path)
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, 0, 1, range(3))
+    zero_sf.save(root, model, opt)
+    version = os.path.dirname(_latest_files(root)[0])
+    info = next(i for k, i in FileSystemReader(version).read_metadata().storage_data.items()
+                if k.fqn == "optim/0/z/0")
+    file = os.path.join(version, info.relative_path)
+    with open(file, "r+b") as f:  # the middle of the item: inside z's 403 floats
+        f.seek(info.offset + info.length // 2)
+        data = bytearray(f.read(4))
+        f.seek(info.offset + info.length // 2)
+        f.write(bytes(b ^ 0x01 for b in data))  # lowest bits: tiny, finite changes
+    fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
+    with pytest.raises(zero_sf.CheckpointError, match="optim/0/z/0 fails its CRC-32 check"):
+        zero_sf.load(root, _model(torch.float32), fresh, fallback=False)
