@@ -21,6 +21,9 @@ def _entry(rank, fn, world_size, store, args):
                             world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank, world_size, *args)
+        # Leave together: a rank tearing gloo down while its peer still
+        # talks to it can abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
