@@ -24,6 +24,13 @@ from . import triton_kernels as K
 # 1024 elements x 4 warps: 8 elements a thread, two 16-byte fp32 vectors.
 BLOCK = 1024
 NUM_WARPS = 4
+# No mul+add contraction into FMA (Triton 3.9 contracts by default, 3.10
+# will not): every operation rounds once, as under TRITON_INTERPRET=1, so a
+# GPU run gives the same bits as the interpreter runs that CI tests against
+# the spec.  Cost: ~40 extra FP32 instructions per 8 elements in a kernel
+# bound by its 28 B/element of memory traffic.  Checked on the PTX by
+# tests/kernels/test_compile.py (no fma.* instruction).
+LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
 # 64 blocks (256 KiB of fp32) is enough work that a second launch costs
 # under ~5% of the tensor's own time on an H100; smaller tensors are batched.
 _OWN_LAUNCH_NUMEL = 64 * BLOCK
@@ -48,6 +55,11 @@ def _chunk_table(roles: Roles, index: list[int], device: torch.device):
         _TABLE_CACHE.move_to_end(key)
         return hit
     numels = [roles[0][i].numel() for i in index]
+    # nfull[t]: the prefix of tensor t made of whole BLOCKs, when every role's
+    # pointer is 16-byte aligned (then those chunks run unmasked, vectorized);
+    # 0 otherwise (every chunk of t takes the masked, scalar path).
+    aligned = [all(p[t] % 16 == 0 for p in key[1] if p is not None) for t in range(len(index))]
+    nfull = [(n // BLOCK) * BLOCK if a else 0 for n, a in zip(numels, aligned)]
     chunk_tensor, chunk_start = [], []
     for t, n in enumerate(numels):
         starts = range(0, n, BLOCK)
@@ -55,7 +67,7 @@ def _chunk_table(roles: Roles, index: list[int], device: torch.device):
         chunk_start.extend(starts)
     as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
     tables = [as_dev(p) if p is not None else None for p in key[1]]
-    out = (tables, as_dev(chunk_tensor), as_dev(chunk_start), as_dev(numels))
+    out = (tables, as_dev(chunk_tensor), as_dev(chunk_start), as_dev(numels), as_dev(nfull))
     _TABLE_CACHE[key] = out
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -83,15 +95,23 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, **kwargs) -> None:
             n = roles[0][i].numel()
             ptrs = [(r[i] if r is not None else roles[0][i]) for r in roles]
             flat_kernel[(triton.cdiv(n, BLOCK),)](
-                *ptrs, n, **kwargs, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                *ptrs, n, **kwargs, BLOCK=BLOCK, **LAUNCH_OPTIONS)
         if batched:
             device = roles[0][batched[0]].device
-            tables, chunk_tensor, chunk_start, numels = _chunk_table(roles, batched, device)
+            tables, chunk_tensor, chunk_start, numels, nfull = _chunk_table(roles, batched, device)
             tables = [t if t is not None else tables[0] for t in tables]
             likes = [(r[batched[0]] if r is not None else roles[0][batched[0]]) for r in roles]
             multi_kernel[(chunk_tensor.numel(),)](
-                *tables, *likes, chunk_tensor, chunk_start, numels,
-                **kwargs, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                *tables, *likes, chunk_tensor, chunk_start, numels, nfull,
+                **kwargs, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+
+
+def _floats(**scalars) -> dict:
+    """Every runtime scalar as a Python float, so it is an fp32 kernel
+    argument: an int (the default ``weight_decay=0``, ``lr=1``) would
+    otherwise be specialized by Triton as i32 or, when 1, as a constant,
+    compiling another kernel variant for the same math."""
+    return {k: float(v) for k, v in scalars.items()}
 
 
 def _by_output(roles: Roles, out_role: int):
@@ -110,9 +130,9 @@ def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
              bias_correction2, eps, weight_decay, grad_scale) -> None:
     for roles, has_out in _by_output([ys, grads, zs, vs, y_outs], 4):
         _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles,
-                lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
-                bias_correction2=bias_correction2, eps=eps,
-                weight_decay=weight_decay, grad_scale=grad_scale,
+                **_floats(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
+                          bias_correction2=bias_correction2, eps=eps,
+                          weight_decay=weight_decay, grad_scale=grad_scale),
                 HAS_WD=weight_decay != 0.0, HAS_YOUT=has_out)
 
 
@@ -123,9 +143,9 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
              grad_avgs if centered else None, param_outs]
     for roles, has_out in _by_output(roles, 5):
         _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles,
-                lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                bias_correction2=bias_correction2, momentum=momentum,
-                grad_scale=grad_scale, HAS_WD=weight_decay != 0.0,
+                **_floats(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                          bias_correction2=bias_correction2, momentum=momentum,
+                          grad_scale=grad_scale), HAS_WD=weight_decay != 0.0,
                 MAXIMIZE=bool(maximize), MOMENTUM=momentum > 0.0,
                 CENTERED=bool(centered), EPS_IN_SQRT=bool(eps_in_sqrt),
                 BIAS_CORRECTION=bias_correction2 != 1.0, HAS_POUT=has_out)
@@ -137,5 +157,5 @@ def sf_interpolate(ps, zs, *, weight, p_outs) -> None:
     for i, p in enumerate(ps):
         out = p_outs[i] if p_outs is not None else None
         K.interpolate_flat_kernel[(triton.cdiv(p.numel(), BLOCK),)](
-            p, zs[i], out if out is not None else p, p.numel(), weight, HAS_POUT=out is not None,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            p, zs[i], out if out is not None else p, p.numel(), float(weight), HAS_POUT=out is not None,
+            BLOCK=BLOCK, **LAUNCH_OPTIONS)

@@ -32,6 +32,16 @@ def _round(x, ptr):
 
 
 @triton.jit
+def _load(ptr, offs, mask):
+    # mask None: a full chunk, no predication (lets the loads vectorize).
+    if mask is None:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _store(ptr, offs, x, mask):
     tl.store(ptr + offs, _round(x, ptr), mask=mask)
 
@@ -97,35 +107,49 @@ def _rmsprop_math(g, p, v, buf, gavg, lr, alpha, eps, weight_decay,
 @triton.jit
 def _flat_offsets(n, BLOCK: tl.constexpr):
     # int64 offsets: a 1B-element shard times 4 B overflows int32 addressing.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < n
+    # full: the block lies inside the tensor, so it runs unmasked and its
+    # loads vectorize even when n is not a multiple of 16.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n, (pid + 1) * BLOCK <= n
 
 
 @triton.jit
-def _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+def _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK: tl.constexpr):
+    """Chunk c of the table: its tensor t, offsets, mask, and whether it is
+    *full*: BLOCK elements inside the tensor's 16-byte-aligned full-chunk
+    prefix (``nfull``, 0 for a tensor whose pointers are not all aligned).
+    Full chunks take the unmasked path with alignment hints, which compiles to
+    128-bit loads/stores; a mask on a numel read at run time cannot (issue
+    #10: 24 scalar LDG.E per thread before)."""
+    c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor_ptr + c)
-    start = tl.load(chunk_start_ptr + c)
+    start = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK)
     n = tl.load(numel_ptr + t)
+    full = start + BLOCK <= tl.load(nfull_ptr + t)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return t, offs, offs < n
+    return t, offs, offs < n, full
 
 
 @triton.jit
-def _ptr(table_ptr, t, like_ptr):
+def _ptr(table_ptr, t, like_ptr, ALIGNED: tl.constexpr):
     # Pointer table entry t, typed like like_ptr (all tensors of one launch
-    # share a dtype per role).
-    return tl.load(table_ptr + t).to(like_ptr.dtype)
+    # share a dtype per role).  ALIGNED: the host put only 16-byte-aligned
+    # pointers in the full-chunk prefix, so the hint is true there.
+    p = tl.load(table_ptr + t).to(like_ptr.dtype)
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
 def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
                    lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
                    grad_scale, HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr):
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _load(g_ptr, offs, mask)
+    y = _load(y_ptr, offs, mask)
+    z = _load(z_ptr, offs, mask)
+    v = _load(v_ptr, offs, mask)
     y, z, v = _sf_adamw_math(g, y, z, v, lr, ck, y_coef, beta2, bias_correction2,
                              eps, weight_decay, grad_scale, HAS_WD)
     _store(y_ptr, offs, y, mask)
@@ -141,28 +165,50 @@ def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, n,
                          weight_decay, grad_scale,
                          HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
                          BLOCK: tl.constexpr):
-    offs, mask = _flat_offsets(n, BLOCK)
-    _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
-                   lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                   grad_scale, HAS_WD, HAS_YOUT)
+    offs, mask, full = _flat_offsets(n, BLOCK)
+    if full:
+        _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, None,
+                       lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
+                       grad_scale, HAS_WD, HAS_YOUT)
+    else:
+        _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
+                       lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
+                       grad_scale, HAS_WD, HAS_YOUT)
+
+
+@triton.jit
+def _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
+                    v_like, yout_like, t, offs, mask, lr, ck, y_coef, beta2,
+                    bias_correction2, eps, weight_decay, grad_scale,
+                    HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr, ALIGNED: tl.constexpr):
+    yout_ptr = yout_like
+    if HAS_YOUT:
+        yout_ptr = _ptr(yout_tab, t, yout_like, ALIGNED)
+    _sf_adamw_body(_ptr(y_tab, t, y_like, ALIGNED), _ptr(g_tab, t, g_like, ALIGNED),
+                   _ptr(z_tab, t, z_like, ALIGNED), _ptr(v_tab, t, v_like, ALIGNED),
+                   yout_ptr, offs, mask, lr, ck, y_coef, beta2, bias_correction2, eps,
+                   weight_decay, grad_scale, HAS_WD, HAS_YOUT)
 
 
 @triton.jit
 def sf_adamw_multi_kernel(y_tab, g_tab, z_tab, v_tab, yout_tab,
                           y_like, g_like, z_like, v_like, yout_like,
-                          chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
+                          chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr,
                           lr, ck, y_coef, beta2, bias_correction2, eps,
                           weight_decay, grad_scale,
                           HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
                           BLOCK: tl.constexpr):
-    t, offs, mask = _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
-    yout_ptr = yout_like
-    if HAS_YOUT:
-        yout_ptr = _ptr(yout_tab, t, yout_like)
-    _sf_adamw_body(_ptr(y_tab, t, y_like), _ptr(g_tab, t, g_like),
-                   _ptr(z_tab, t, z_like), _ptr(v_tab, t, v_like), yout_ptr,
-                   offs, mask, lr, ck, y_coef, beta2, bias_correction2, eps,
-                   weight_decay, grad_scale, HAS_WD, HAS_YOUT)
+    t, offs, mask, full = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK)
+    if full:  # uniform per program: the branch costs one compare
+        _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
+                        v_like, yout_like, t, offs, None, lr, ck, y_coef, beta2,
+                        bias_correction2, eps, weight_decay, grad_scale, HAS_WD,
+                        HAS_YOUT, True)
+    else:
+        _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
+                        v_like, yout_like, t, offs, mask, lr, ck, y_coef, beta2,
+                        bias_correction2, eps, weight_decay, grad_scale, HAS_WD,
+                        HAS_YOUT, False)
 
 
 @triton.jit
@@ -172,15 +218,15 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                   EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
                   HAS_POUT: tl.constexpr):
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _load(g_ptr, offs, mask)
+    p = _load(p_ptr, offs, mask)
+    v = _load(v_ptr, offs, mask)
     buf = v  # placeholders when the option is off (never stored)
     gavg = v
     if MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        buf = _load(buf_ptr, offs, mask)
     if CENTERED:
-        gavg = tl.load(gavg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gavg = _load(gavg_ptr, offs, mask)
     p, v, buf, gavg = _rmsprop_math(g, p, v, buf, gavg, lr, alpha, eps,
                                     weight_decay, bias_correction2, momentum,
                                     grad_scale, HAS_WD, MAXIMIZE, MOMENTUM,
@@ -202,8 +248,38 @@ def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, n,
                         MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                         EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
                         HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask = _flat_offsets(n, BLOCK)
-    _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+    offs, mask, full = _flat_offsets(n, BLOCK)
+    if full:
+        _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, None,
+                      lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                      grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
+                      BIAS_CORRECTION, HAS_POUT)
+    else:
+        _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+                      lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                      grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
+                      BIAS_CORRECTION, HAS_POUT)
+
+
+@triton.jit
+def _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
+                   p_like, g_like, v_like, buf_like, gavg_like, pout_like, t, offs, mask,
+                   lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                   grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                   EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                   HAS_POUT: tl.constexpr, ALIGNED: tl.constexpr):
+    buf_ptr = buf_like
+    gavg_ptr = gavg_like
+    pout_ptr = pout_like
+    if MOMENTUM:
+        buf_ptr = _ptr(buf_tab, t, buf_like, ALIGNED)
+    if CENTERED:
+        gavg_ptr = _ptr(gavg_tab, t, gavg_like, ALIGNED)
+    if HAS_POUT:
+        pout_ptr = _ptr(pout_tab, t, pout_like, ALIGNED)
+    _rmsprop_body(_ptr(p_tab, t, p_like, ALIGNED), _ptr(g_tab, t, g_like, ALIGNED),
+                  _ptr(v_tab, t, v_like, ALIGNED), buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                   lr, alpha, eps, weight_decay, bias_correction2, momentum,
                   grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
                   BIAS_CORRECTION, HAS_POUT)
@@ -212,37 +288,43 @@ def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, n,
 @triton.jit
 def rmsprop_multi_kernel(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
                          p_like, g_like, v_like, buf_like, gavg_like, pout_like,
-                         chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
+                         chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr,
                          lr, alpha, eps, weight_decay, bias_correction2, momentum,
                          grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                          MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                          EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
                          HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = _chunk_offsets(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
-    buf_ptr = buf_like
-    gavg_ptr = gavg_like
-    pout_ptr = pout_like
-    if MOMENTUM:
-        buf_ptr = _ptr(buf_tab, t, buf_like)
-    if CENTERED:
-        gavg_ptr = _ptr(gavg_tab, t, gavg_like)
+    t, offs, mask, full = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK)
+    if full:
+        _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab, p_like, g_like,
+                       v_like, buf_like, gavg_like, pout_like, t, offs, None, lr, alpha,
+                       eps, weight_decay, bias_correction2, momentum, grad_scale, HAS_WD,
+                       MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT, BIAS_CORRECTION,
+                       HAS_POUT, True)
+    else:
+        _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab, p_like, g_like,
+                       v_like, buf_like, gavg_like, pout_like, t, offs, mask, lr, alpha,
+                       eps, weight_decay, bias_correction2, momentum, grad_scale, HAS_WD,
+                       MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT, BIAS_CORRECTION,
+                       HAS_POUT, False)
+
+
+@triton.jit
+def _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, mask, weight, HAS_POUT: tl.constexpr):
+    p = _load(p_ptr, offs, mask)
+    z = _load(z_ptr, offs, mask)
+    p = _lerp(p, z, weight)
+    _store(p_ptr, offs, p, mask)
     if HAS_POUT:
-        pout_ptr = _ptr(pout_tab, t, pout_like)
-    _rmsprop_body(_ptr(p_tab, t, p_like), _ptr(g_tab, t, g_like),
-                  _ptr(v_tab, t, v_like), buf_ptr, gavg_ptr, pout_ptr, offs, mask,
-                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
-                  grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                  BIAS_CORRECTION, HAS_POUT)
+        _store(pout_ptr, offs, p, mask)
 
 
 @triton.jit
 def interpolate_flat_kernel(p_ptr, z_ptr, pout_ptr, n, weight,
                             HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
     # p <- p + weight (z - p): y -> x with weight 1-1/b1, x -> y with 1-b1.
-    offs, mask = _flat_offsets(n, BLOCK)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = _lerp(p, z, weight)
-    _store(p_ptr, offs, p, mask)
-    if HAS_POUT:
-        _store(pout_ptr, offs, p, mask)
+    offs, mask, full = _flat_offsets(n, BLOCK)
+    if full:
+        _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, None, weight, HAS_POUT)
+    else:
+        _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, mask, weight, HAS_POUT)
