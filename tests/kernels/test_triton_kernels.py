@@ -184,3 +184,26 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         F.resolve_backend("triton", [torch.zeros(1)])
     assert F.resolve_backend("auto", [torch.zeros(1)]) == "torch"
+
+
+def test_chunk_table_sends_only_aligned_whole_blocks_down_the_unmasked_path():
+    """The multi-tensor kernel runs a chunk unmasked, with 16-byte alignment
+    hints, only inside nfull: the whole BLOCKs of a tensor whose pointers
+    are all 16-byte aligned.  A view at a 4-byte offset (a parameter inside
+    a flat buffer) must take the masked path, or a GPU would issue
+    misaligned 128-bit accesses; the interpreter cannot tell."""
+    from zero_sf.kernels import launch
+    B = launch.BLOCK
+    buf = torch.zeros(3 * B + 8)
+    aligned, odd_size, unaligned = buf[: 2 * B], torch.zeros(B + 5), buf[1: B + 1]
+    assert unaligned.data_ptr() % 16 == 4
+    ts = [aligned, odd_size, unaligned]
+    roles = [ts, [t.clone() for t in ts], None]
+    *_, numels, nfull = launch._chunk_table(roles, [0, 1, 2], torch.device("cpu"))
+    assert numels.tolist() == [2 * B, B + 5, B]
+    assert nfull.tolist() == [2 * B, B, 0]
+    # ... and a role whose own pointer is unaligned demotes the tensor too.
+    grads = [torch.zeros(2 * B + 1)[1:], torch.zeros(B + 5), torch.zeros(B)]
+    *_, nfull = launch._chunk_table([ts[:2] + [torch.zeros(B)], grads, None], [0, 1, 2],
+                                    torch.device("cpu"))
+    assert nfull.tolist() == [0, B, B]
