@@ -98,6 +98,49 @@ def _torch_chunks(*tensors: Optional[Tensor]):
         yield tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
 
 
+try:  # torch >= 2.5; 2.4 has it under the private name
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+
+def _local(tensor_lists):
+    """FSDP2 / DTensor support: the update is elementwise, so each rank
+    updates its local shards in place (``to_local()`` aliases the DTensor's
+    storage) with the fused kernel, instead of ~10 DTensor-dispatched ops.
+    Every role of index i must be laid out like role 0's tensor (same mesh
+    and placements), or the local shards would not line up element for
+    element.  Indices whose local shard is empty (uneven sharding) are
+    dropped.  Returns the lists of local tensors."""
+    first = tensor_lists[0]
+    if DTensor is None or not any(isinstance(t, DTensor) for t in first):
+        return tensor_lists
+    keep = []
+    for i, p in enumerate(first):
+        for k, role in enumerate(tensor_lists):
+            t = role[i] if role is not None else None
+            if t is None:
+                continue
+            if isinstance(t, DTensor) != isinstance(p, DTensor) or (
+                    isinstance(p, DTensor) and (t.device_mesh != p.device_mesh
+                                                or t.placements != p.placements)):
+                where = (lambda x: f"DTensor{tuple(x.placements)} on {x.device_mesh}"
+                         if isinstance(x, DTensor) else "a plain tensor")
+                raise ValueError(
+                    f"tensor {i} of argument {k} is {where(t)} but its parameter is "
+                    f"{where(p)}; all tensors of one parameter must share a layout "
+                    "(create optimizer state with torch.zeros_like(param))")
+        if (p.to_local() if isinstance(p, DTensor) else p).numel() > 0:
+            keep.append(i)
+    return [None if role is None else
+            [(t.to_local() if isinstance(t, DTensor) else t) if t is not None else None
+             for t in (role[i] for i in keep)]
+            for role in tensor_lists]
+
+
 def _at(xs, i):
     return xs[i] if xs is not None else None
 
@@ -128,6 +171,9 @@ def sf_adamw(
     ``y_outs`` (optional, entries may be ``None``): tensors that receive ``y``
     rounded to their dtype, in the same pass (a ZeRO rank's slice of the
     model's bf16 parameters when ``ys`` are fp32 master shards)."""
+    ys, grads, zs, vs, y_outs = _local([ys, grads, zs, vs, y_outs])
+    if not ys:  # e.g. every local shard of this rank is empty
+        return
     backend = resolve_backend(backend, ys)
     fused, plain = _split(backend, len(ys), (ys, grads, zs, vs, y_outs))
     scalars = dict(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
@@ -162,11 +208,15 @@ def rmsprop(
     backend: str = "auto",
 ) -> None:
     """RMSProp step (:func:`zero_sf.spec.rmsprop_update`) on lists."""
-    backend = resolve_backend(backend, params)
     if momentum > 0.0 and momentum_buffers is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
     if centered and grad_avgs is None:
         raise ValueError("centered=True needs grad_avgs")
+    params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs = _local(
+        [params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs])
+    if not params:
+        return
+    backend = resolve_backend(backend, params)
     fused, plain = _split(backend, len(params),
                           (params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs))
     scalars = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
@@ -196,6 +246,9 @@ def sf_interpolate(
     backend: str = "auto",
 ) -> None:
     """``p.lerp_(z, weight)`` on lists: the y<->x switch of train()/eval()."""
+    ps, zs, p_outs = _local([ps, zs, p_outs])
+    if not ps:
+        return
     backend = resolve_backend(backend, ps)
     fused, plain = _split(backend, len(ps), (ps, zs, p_outs))
     if fused:

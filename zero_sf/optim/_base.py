@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..functional import check_backend
+from ..functional import DTensor, check_backend
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -134,6 +134,41 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                 ps.append((p, g))
             active.append(ps)
         return active
+
+    # -- torch.distributed.checkpoint's state initialization -------------
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _may_be_state_init_call(self, closure) -> bool:
+        """Cheap pre-check for :meth:`_is_state_init_call`."""
+        return (closure is None and not self.state
+                and all(float(g["lr"]) == 0.0 for g in self.param_groups))
+
+    def _is_state_init_call(self, active) -> bool:
+        """``torch.distributed.checkpoint.state_dict`` (``get_/set_optimizer_state_dict``,
+        what FSDP2 and DCP users call) initializes an optimizer without state
+        by one ``step()`` with zero gradients and every ``lr`` set to 0.  For
+        Schedule-Free and bias-corrected RMSProp that step still counts
+        (k = 1), so training after a save at step 0 would run one step behind
+        the same training without the save.  Recognized here -- no state
+        yet, every lr 0, every gradient exactly zero on every rank (one
+        reduction per parameter, only in this case) -- and then only the
+        state is created."""
+        grads = [g for pairs in active for _, g in pairs]
+        if not grads:
+            return False
+        for g in grads:
+            total = g.abs().sum()
+            if DTensor is not None and isinstance(total, DTensor):
+                total = total.full_tensor()  # every rank's shard, same answer everywhere
+            if total.item() != 0.0:
+                return False
+        return True
+
+    def _initialize_state_only(self, active) -> None:
+        for group, pairs in zip(self.param_groups, active):
+            for p, _ in pairs:
+                self._init_state(p, group)
 
     # -- state dicts ------------------------------------------------------
     def export_param_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -79,29 +79,36 @@ class RMSProp(ZeroSFOptimizer):
                 raise ValueError(f"Invalid {flag} value: True (zero_sf.RMSProp does not support it)")
         F.check_backend(group["backend"])
 
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if len(state) == 0:
+            dtype = state_dtype_for(p)
+            state["step"] = 0
+            state["square_avg"] = torch.full_like(
+                p, group["initial_scale"], dtype=dtype, memory_format=torch.preserve_format)
+            if group["momentum"] > 0:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format)
+            if group["centered"]:
+                state["grad_avg"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
              grad_scale: float = 1.0) -> Optional[float]:
         """One step.  ``grad_scale`` multiplies every gradient inside the fused
         update (the sharded optimizer folds 1/world_size and clipping into it)."""
+        init_call = self._may_be_state_init_call(closure)
         loss, active = self._closure_then_active_params(closure)
+        if init_call and self._is_state_init_call(active):
+            self._initialize_state_only(active)
+            return loss
         for group, pairs in zip(self.param_groups, active):
             grads = {id(p): g for p, g in pairs}
             params = [p for p, _ in pairs]
             for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    dtype = state_dtype_for(p)
-                    state["step"] = 0
-                    state["square_avg"] = torch.full_like(
-                        p, group["initial_scale"], dtype=dtype, memory_format=torch.preserve_format)
-                    if group["momentum"] > 0:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=dtype, memory_format=torch.preserve_format)
-                    if group["centered"]:
-                        state["grad_avg"] = torch.zeros_like(
-                            p, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
+                self._init_state(p, group)
+                self.state[p]["step"] += 1
             # Params of one group share a step count unless some skipped
             # steps (no grad): one fused call per distinct count.
             by_step: dict[int, list[Tensor]] = {}

@@ -93,6 +93,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
 
     @torch.no_grad()
     def _switch(self, to_train: bool) -> None:
+        sharded = []
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue
@@ -102,7 +103,12 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
                                  p_outs=self._outs(ps), backend=group["backend"])
+                sharded += [p for p in ps if F.DTensor is not None and isinstance(p, F.DTensor)]
             group["train_mode"] = to_train
+        if sharded:  # FSDP2 must drop unsharded copies of the old values
+            from ..integrations.fsdp import reshard_modules_holding
+
+            reshard_modules_holding(sharded)
 
     def eval(self) -> None:
         """Parameters y -> x (``p.lerp_(z, 1 - 1/beta1)``): use before evaluation."""
@@ -112,14 +118,27 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         """Parameters x -> y (``p.lerp_(z, 1 - beta1)``): use before training."""
         self._switch(True)
 
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "z" not in state:
+            # DTensor in, DTensor out: an FSDP2 parameter's state is sharded like it.
+            state["z"] = p.detach().to(state_dtype_for(p), copy=True)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype_for(p))
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
              grad_scale: float = 1.0) -> Optional[float]:
         """One step.  ``grad_scale`` multiplies every gradient inside the fused
         update (the sharded optimizer folds 1/world_size and clipping into it)."""
-        if not all(g["train_mode"] for g in self.param_groups):
+        init_call = self._may_be_state_init_call(closure)
+        if not init_call and not all(g["train_mode"] for g in self.param_groups):
             raise eval_mode_error(type(self).__name__)
         loss, active = self._closure_then_active_params(closure)
+        if init_call and self._is_state_init_call(active):
+            self._initialize_state_only(active)  # z = p: in either mode, x = y = z before any step
+            return loss
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise eval_mode_error(type(self).__name__)
         for group, pairs in zip(self.param_groups, active):
             params = [p for p, _ in pairs]
             beta1, beta2 = group["betas"]
@@ -128,10 +147,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                             weight_lr_power=group["weight_lr_power"],
                             lr_max=group["lr_max"], weight_sum=group["weight_sum"])
             for p in params:
-                state = self.state[p]
-                if "z" not in state:
-                    state["z"] = p.detach().to(state_dtype_for(p), copy=True)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype_for(p))
+                self._init_state(p, group)
             if params:
                 states = [self.state[p] for p in params]
                 F.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..functional import DTensor
 from ..optim import ScheduleFreeAdamW
 from ..optim._base import state_dtype_for
 from . import comm
@@ -141,6 +142,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ZeroOptimizer needs all parameters on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
         for i, p in enumerate(self._params):
+            if DTensor is not None and isinstance(p, DTensor):
+                raise TypeError(
+                    f"ZeroOptimizer got parameter #{i} as a DTensor{tuple(p.placements)}: the model "
+                    "is already sharded (FSDP2's fully_shard, or tensor parallelism), and ZeRO "
+                    "would shard it again; use zero_sf.ScheduleFreeAdamW / zero_sf.RMSProp "
+                    "directly, which update each rank's local shards with the fused kernel")
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"parameter #{i} has dtype {p.dtype}: real floating point only")
         signature = [(gi, tuple(p.shape), str(p.dtype), p.requires_grad)
