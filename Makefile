@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup test demo bench mutants compile-all check clean
+.PHONY: setup test test-all demo bench mutants compile-all check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+# The default run plus the tests marked slow (more world sizes of the same
+# checks: sharded triton at 2 ranks, ZeRO at 4, checkpoints 4->2 and 2->1).
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m ""
 
 # The main job: 2 CPU ranks (gloo) train a small GPT with ZeRO-2 Schedule-Free
 # AdamW and save a sharded checkpoint; then 1 rank resumes it and continues.

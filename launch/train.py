@@ -14,6 +14,11 @@ Checkpoints (zero_sf.save/load) resume at any world size:
 
     torchrun --nproc_per_node=2 launch/train.py --steps 200 --save ckpt
     torchrun --nproc_per_node=1 launch/train.py --steps 300 --resume ckpt
+
+FSDP2 (fully_shard per block and at the root) with the single-device
+optimizer updating each rank's local shards; DCP checkpoints, any world size:
+
+    torchrun --nproc_per_node=2 launch/train.py --fsdp --optimizer sf --save ckpt
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ def parse(argv=None):
                          "ZeroOptimizer(RMSProp, bias_correction); sf / rmsprop: DDP + the "
                          "single-device optimizer; adamw: DDP + torch AdamW, warmup + cosine")
     ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--fsdp", action="store_true",
+                    help="shard the model with FSDP2 (fully_shard) instead of DDP; needs a "
+                         "single-device optimizer (sf, rmsprop, adamw).  With --dtype bf16 the "
+                         "parameters stay fp32 and compute runs in bf16 "
+                         "(MixedPrecisionPolicy(bf16, reduce fp32))")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     ap.add_argument("--seq", type=int, default=128)
@@ -94,11 +104,42 @@ def build_optimizer(args, model, world):
 
 
 def optimizer_bytes(opt) -> int:
+    """Bytes of optimizer state this rank holds (an FSDP2 rank: its shards)."""
     if isinstance(opt, zero_sf.ZeroOptimizer):
         held = opt.memory_bytes()
         return held["optimizer_state"] + held["master"]
-    return sum(v.numel() * v.element_size() for s in opt.state.values()
+    local = lambda v: v.to_local() if hasattr(v, "to_local") else v
+    return sum(local(v).numel() * v.element_size() for s in opt.state.values()
                for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def fsdp_shard(model, compute_dtype):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+          if compute_dtype != torch.float32 else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def dcp_save(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    return path
+
+
+def dcp_load(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
 def main(argv=None) -> dict:
@@ -107,12 +148,18 @@ def main(argv=None) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
-    model = GPT(dim=args.dim, layers=args.layers, seq=args.seq).to(device=device, dtype=dtype)
+    if args.fsdp and args.optimizer.startswith("zero-"):
+        raise SystemExit(f"--fsdp shards the model itself: use --optimizer sf, rmsprop or adamw, "
+                         f"not {args.optimizer} (ZeRO would shard it again)")
+    model = GPT(dim=args.dim, layers=args.layers, seq=args.seq).to(
+        device=device, dtype=torch.float32 if args.fsdp else dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    if args.fsdp:
+        model = fsdp_shard(model, dtype)
     opt = build_optimizer(args, model, world)
     sharded = isinstance(opt, zero_sf.ZeroOptimizer)
     net = model
-    if not sharded and world > 1:
+    if not sharded and not args.fsdp and world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     sched = None
     if args.optimizer == "adamw":  # the baseline needs a schedule: warmup + cosine to 0
@@ -124,9 +171,12 @@ def main(argv=None) -> dict:
         opt.train()
     start = 0
     if args.resume:
-        if not sharded:
-            raise SystemExit("--resume needs a zero-* optimizer (zero_sf.load)")
-        zero_sf.load(args.resume, model, opt)
+        if args.fsdp:
+            dcp_load(args.resume, model, opt)
+        elif not sharded:
+            raise SystemExit("--resume needs a zero-* optimizer (zero_sf.load) or --fsdp (DCP)")
+        else:
+            zero_sf.load(args.resume, model, opt)
         start = opt.param_groups[0].get("k", opt.param_groups[0].get("step", 0))
         if has_modes:
             opt.train()
@@ -135,7 +185,8 @@ def main(argv=None) -> dict:
     if rank == 0:
         print(f"zero_sf {zero_sf.__version__} | torch {torch.__version__} | {world} rank(s) on "
               f"{device.type} ({dist.get_backend() if dist.is_initialized() else 'no process group'}) | "
-              f"{args.optimizer}{f' stage {args.stage}' if sharded else ''} | {dtype} | "
+              f"{args.optimizer}{f' stage {args.stage}' if sharded else ''}"
+              f"{' on FSDP2' if args.fsdp else ''} | {dtype} | "
               f"{n_params/1e6:.2f}M params | {len(train_data)/1e3:.0f}K training bytes", flush=True)
 
     @torch.no_grad()
@@ -186,9 +237,12 @@ def main(argv=None) -> dict:
                 print(f"  eval at step {step + 1}: val loss {v:.3f}"
                       f"{' (x, optimizer in eval mode)' if has_modes else ''}", flush=True)
     if args.save:
-        if not sharded:
-            raise SystemExit("--save needs a zero-* optimizer (zero_sf.save)")
-        path = zero_sf.save(args.save, model, opt)
+        if args.fsdp:
+            path = dcp_save(args.save, model, opt)
+        elif not sharded:
+            raise SystemExit("--save needs a zero-* optimizer (zero_sf.save) or --fsdp (DCP)")
+        else:
+            path = zero_sf.save(args.save, model, opt)
         if rank == 0:
             print(f"saved {path} at step {args.steps} from {world} rank(s)", flush=True)
     return history

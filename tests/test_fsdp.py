@@ -61,7 +61,8 @@ def _loss(model, x, y):
 
 
 def _full(params):
-    return [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
+    """Full-size copies (never aliases: the run goes on after a snapshot)."""
+    return [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in params]
 
 
 def _sharded(opt):
@@ -210,9 +211,15 @@ def test_bf16_sharded_parameters_and_rmsprop():
 # -- checkpoints: DCP reshards the DTensor state ---------------------------------
 
 
-def _train_save_continue(rank, world_size, root):
-    mesh = init_device_mesh("cpu", (world_size,))
-    model = _shard(_model(), mesh)
+def _wrap(kind, seed=0):
+    """FSDP2, or DDP with the single-device optimizer's full state."""
+    if kind == "fsdp":
+        return _shard(_model(seed), init_device_mesh("cpu", (dist.get_world_size(),)))
+    return nn.parallel.DistributedDataParallel(_model(seed))
+
+
+def _train_save_continue(rank, world_size, root, kind="fsdp"):
+    model = _wrap(kind)
     opt = zero_sf.ScheduleFreeAdamW(model.parameters(), backend="torch", **KW)
     opt.train()
     _fsdp_steps(model, opt, range(5), rank, world_size)
@@ -226,8 +233,8 @@ def _train_save_continue(rank, world_size, root):
                    os.path.join(root, "uninterrupted.pt"))
 
 
-def _load_continue(rank, world_size, root):
-    model = _shard(_model(seed=123))  # other weights: the checkpoint must replace them
+def _load_continue(rank, world_size, root, kind="fsdp"):
+    model = _wrap(kind, seed=123)  # other weights: the checkpoint must replace them
     opt = zero_sf.ScheduleFreeAdamW(model.parameters(), backend="triton", **KW)
     msd, osd = get_state_dict(model, opt)  # a fresh optimizer: only creates the state
     assert opt.param_groups[0]["k"] == 0
@@ -249,6 +256,15 @@ def test_dcp_save_at_4_load_at_2_and_1_continues_as_uninterrupted(tmp_path):
     spawn(_train_save_continue, 4, str(tmp_path))
     for world_size in (2, 1):
         spawn(_load_continue, world_size, str(tmp_path))
+
+
+def test_ddp_state_through_dcp_saved_at_2_loads_at_1():
+    """Plain DDP users get the same checkpoints: torch's state-dict API and
+    DCP on the single-device optimizer (full state on every rank)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        spawn(_train_save_continue, 2, root, "ddp")
+        spawn(_load_continue, 1, root, "ddp")
 
 
 def _hsdp_and_fresh_state_dict(rank, world_size):

@@ -48,6 +48,20 @@ def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     assert resumed["val"][-1] == whole["val"][-1]
 
 
+def test_fsdp2_job_trains_and_resumes_at_another_world_size(tmp_path):
+    """--fsdp: FSDP2 shards the model, zero_sf.ScheduleFreeAdamW updates the
+    local shards; a DCP checkpoint from 2 ranks resumes at 1."""
+    ckpt = str(tmp_path / "ckpt")
+    small = ["--fsdp", "--optimizer", "sf", "--dim", "64", "--layers", "2", "--seq", "64",
+             "--eval-every", "20"]
+    h = _run(2, small + ["--steps", "30", "--save", ckpt], tmp_path, "a")
+    first = h["train"][0][1]
+    assert h["val"][-1][1] < first - 1.0, (first, h["val"])
+    h2 = _run(1, small + ["--steps", "40", "--resume", ckpt], tmp_path, "b")
+    assert h2["train"][0][0] == 31  # continued from the saved step
+    assert h2["val"][-1][1] < h["val"][-1][1] + 0.1
+
+
 def _ds_train(rank, world_size, argv):
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))

@@ -90,12 +90,14 @@ def _equivalence_all(rank, world_size, backend):
                     raise AssertionError(f"stage {stage}, {dtype}, {opt_name}, {backend}") from e
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+# World size 4 adds no case 1-3 lacks (even split like 2): slow, `make test-all`.
+@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_matches_single_process(world_size):
     spawn(_equivalence_all, world_size, "torch")
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+# 3 ranks: uneven chunks, every kernel path; 2 (40 s under the interpreter) is slow.
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_matches_single_process_with_triton_kernels(world_size):
     """The fused kernels (under TRITON_INTERPRET=1) on the shards."""
     spawn(_equivalence_all, world_size, "triton")
@@ -198,7 +200,7 @@ def _memory(rank, world_size, out):
         assert padding < sum(world_size * 128 for buf in opt.buffers for _ in buf.buckets)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_per_rank_optimizer_memory_is_one_over_n(world_size):
     spawn(_memory, world_size, None)
 
