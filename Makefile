@@ -38,6 +38,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_throughput.py
 	$(PY) benchmarks/memory_scaling.py
+	$(PY) benchmarks/fsdp_step.py
 	$(PY) benchmarks/convergence.py
 
 # Curated mutation testing (tools/mutants.py): each realistic bug must make

@@ -28,12 +28,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "launch"))
 from _common import environment, spawn_gloo, write_json  # noqa: E402
 
 SYSTEMS = ["zero_sf_s1_fp32", "zero_sf_s2_fp32", "zero_sf_s1_bf16", "zero_sf_s2_bf16",
+           "fsdp2_zero_sf_fp32", "fsdp2_zero_sf_mixed_bf16",
            "ddp_schedulefree_fp32", "zero_redundancy_adamw_fp32",
            "deepspeed_z1_schedulefree_fp32", "deepspeed_z2_schedulefree_fp32"]
 
 
+def _local(t):
+    """A DTensor's local shard (what this rank holds), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def nbytes(ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t) and t.dim() > 0)
+    return sum(_local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t) and t.dim() > 0)
 
 
 def _state_bytes(opt) -> int:
@@ -45,7 +51,8 @@ def _worker(rank, world, system, n_params, out_dir):
     device = torch.device(f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if system.endswith("bf16") else torch.float32
+    # FSDP2 mixed precision keeps fp32 parameters and computes in bf16.
+    dtype = torch.bfloat16 if system.endswith("bf16") and not system.startswith("fsdp2") else torch.float32
     torch.manual_seed(0)
     model = sized(n_params, seq=64).to(device=device, dtype=dtype)
     n = sum(p.numel() for p in model.parameters())
@@ -55,6 +62,17 @@ def _worker(rank, world, system, n_params, out_dir):
     if system.startswith("zero_sf"):
         import zero_sf
         opt = zero_sf.ZeroScheduleFreeAdamW(params, stage=int(system[9]))
+        opt.train()
+    elif system.startswith("fsdp2"):
+        import zero_sf
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if "mixed" in system else MixedPrecisionPolicy())
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        params = list(model.parameters())  # now DTensors: this rank holds its rows
+        opt = zero_sf.ScheduleFreeAdamW(params)
         opt.train()
     elif system == "ddp_schedulefree_fp32":
         import schedulefree
@@ -160,6 +178,9 @@ def main():
     ap.add_argument("--systems", nargs="*", default=SYSTEMS)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--plot-only", default=None, help="re-plot a JSON written earlier")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other systems' runs of the JSON already in --out (same device "
+                         "kind), replacing only the systems measured now")
     args = ap.parse_args()
     if args.plot_only:
         with open(args.plot_only) as f:
@@ -192,7 +213,20 @@ def main():
                 print(f"{system:<32} N={world}  optimizer {run['opt_bytes_per_param']:6.2f} B/param  "
                       f"params {run['param_bytes_per_param']:5.2f}  grads {f'{gb:5.2f}' if gb is not None else '  n/a'}  "
                       f"peak {run['peak_mib']:8.0f} MiB ({recs[0]['peak_kind']})", flush=True)
-    results = {"env": env, "n_params": runs[0]["n_params"], "systems": args.systems, "runs": runs}
+    path = os.path.join(args.out, f"memory_scaling_{env['device'].split(':')[0]}.json")
+    systems = list(args.systems)
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        kept = [r for r in old["runs"] if r["system"] not in args.systems]
+        if kept and kept[0]["n_params"] != runs[0]["n_params"]:
+            raise SystemExit(f"--merge: {path} measured {kept[0]['n_params']} params, not "
+                             f"{runs[0]['n_params']}; use the same --params")
+        runs = kept + runs
+        systems = [s for s in SYSTEMS if any(r["system"] == s for r in runs)]
+        env["merged_with"] = old["env"]
+    results = {"env": env, "n_params": runs[0]["n_params"], "systems": systems, "runs": runs}
+    args.systems = systems
     print(f"\nper-rank bytes per parameter, worst rank, {results['n_params']/1e6:.1f}M params, "
           f"{env.get('device_name')}, torch {env['torch']}")
     header = "| system | " + " | ".join(f"N={w}" for w in args.world_sizes) + " |"
@@ -204,7 +238,7 @@ def main():
             cells.append(f"{r['opt_bytes_per_param']:.2f} ({r['peak_mib']:.0f} MiB)" if r else "-")
         print(f"| {system} | " + " | ".join(cells) + " |")
     print("(optimizer state + fp32 master, bytes/param on the worst rank; in brackets its peak memory)")
-    write_json(os.path.join(args.out, f"memory_scaling_{env['device'].split(':')[0]}.json"), results)
+    write_json(path, results)
     plot(results, os.path.join(args.out, f"memory_scaling_{env['device'].split(':')[0]}.png"))
 
 
