@@ -53,8 +53,7 @@ MUTANTS = [
      "        p = tl.multiple_of(p, 16)\n", "        p = p\n",
      ["tests/kernels/test_compile.py"]),
     ("kernel launch: unaligned tensors sent down the unmasked path", "zero_sf/kernels/launch.py",
-     "nfull = [(n // BLOCK) * BLOCK if a else 0 for n, a in zip(numels, aligned)]",
-     "nfull = [(n // BLOCK) * BLOCK for n, a in zip(numels, aligned)]",
+     "full = aligned[t] and start + BLOCK <= n", "full = start + BLOCK <= n",
      ["tests/kernels/test_triton_kernels.py"]),
     # -- the optimizers' bookkeeping
     ("RMSProp: the first parameter's step count for the whole group", "zero_sf/optim/rmsprop.py",

@@ -3,8 +3,27 @@
 from . import functional, spec
 from .optim import RMSProp, ScheduleFreeAdamW
 from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
-from .checkpoint import CheckpointError, load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load", "CheckpointError", "functional", "spec", "__version__"]
+
+# The checkpoint functions import torch.distributed.checkpoint, which costs
+# ~1 s at import (it pulls in DTensor): loaded on first use instead, so a
+# process that only trains (every torchrun rank, every spawned test rank)
+# does not pay for it.
+_LAZY = {"save": "checkpoint", "load": "checkpoint", "CheckpointError": "checkpoint"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

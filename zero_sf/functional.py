@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Optional, Sequence
 
 from torch import Tensor
@@ -98,13 +99,15 @@ def _torch_chunks(*tensors: Optional[Tensor]):
         yield tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
 
 
-try:  # torch >= 2.5; 2.4 has it under the private name
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = None
+def is_dtensor(t) -> bool:
+    """``isinstance(t, DTensor)`` without importing torch.distributed.tensor
+    (0.8 s at import): a DTensor can only exist once its module is loaded."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5 / 2.4
+        mod = sys.modules.get(name)
+        cls = getattr(mod, "DTensor", None) if mod is not None else None
+        if cls is not None:
+            return isinstance(t, cls)
+    return False
 
 
 def _local(tensor_lists):
@@ -116,7 +119,7 @@ def _local(tensor_lists):
     element.  Indices whose local shard is empty (uneven sharding) are
     dropped.  Returns the lists of local tensors."""
     first = tensor_lists[0]
-    if DTensor is None or not any(isinstance(t, DTensor) for t in first):
+    if not any(is_dtensor(t) for t in first):
         return tensor_lists
     keep = []
     for i, p in enumerate(first):
@@ -124,19 +127,19 @@ def _local(tensor_lists):
             t = role[i] if role is not None else None
             if t is None:
                 continue
-            if isinstance(t, DTensor) != isinstance(p, DTensor) or (
-                    isinstance(p, DTensor) and (t.device_mesh != p.device_mesh
+            if is_dtensor(t) != is_dtensor(p) or (
+                    is_dtensor(p) and (t.device_mesh != p.device_mesh
                                                 or t.placements != p.placements)):
                 where = (lambda x: f"DTensor{tuple(x.placements)} on {x.device_mesh}"
-                         if isinstance(x, DTensor) else "a plain tensor")
+                         if is_dtensor(x) else "a plain tensor")
                 raise ValueError(
                     f"tensor {i} of argument {k} is {where(t)} but its parameter is "
                     f"{where(p)}; all tensors of one parameter must share a layout "
                     "(create optimizer state with torch.zeros_like(param))")
-        if (p.to_local() if isinstance(p, DTensor) else p).numel() > 0:
+        if (p.to_local() if is_dtensor(p) else p).numel() > 0:
             keep.append(i)
     return [None if role is None else
-            [(t.to_local() if isinstance(t, DTensor) else t) if t is not None else None
+            [(t.to_local() if is_dtensor(t) else t) if t is not None else None
              for t in (role[i] for i in keep)]
             for role in tensor_lists]
 

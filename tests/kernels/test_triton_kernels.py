@@ -125,7 +125,7 @@ def test_multi_tensor_launch_matches_spec(dtype):
         F.sf_adamw(ys, gs, zs, vs, backend="triton", **kw)
     finally:
         launch.K.sf_adamw_multi_kernel = orig
-    assert len(calls) == 1  # one launch for all nine tensors
+    assert len(calls) == 2  # nine tensors: one launch of whole aligned chunks, one of tails
     for (y, z, v), (yr, zr, vr), g in zip(zip(ys, zs, vs), refs, gs):
         spec.sf_adamw_update(yr, g, zr, vr, **kw)
         close(z, zr), close(v, vr)
@@ -187,10 +187,10 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_chunk_table_sends_only_aligned_whole_blocks_down_the_unmasked_path():
-    """The multi-tensor kernel runs a chunk unmasked, with 16-byte alignment
-    hints, only inside nfull: the whole BLOCKs of a tensor whose pointers
-    are all 16-byte aligned.  A view at a 4-byte offset (a parameter inside
-    a flat buffer) must take the masked path, or a GPU would issue
+    """The multi-tensor kernel's FULL launch runs its chunks unmasked, with
+    16-byte alignment hints: it must get only whole BLOCKs of tensors whose
+    pointers are all 16-byte aligned.  A view at a 4-byte offset (a parameter
+    inside a flat buffer) must go to the masked launch, or a GPU would issue
     misaligned 128-bit accesses; the interpreter cannot tell."""
     from zero_sf.kernels import launch
     B = launch.BLOCK
@@ -199,11 +199,13 @@ def test_chunk_table_sends_only_aligned_whole_blocks_down_the_unmasked_path():
     assert unaligned.data_ptr() % 16 == 4
     ts = [aligned, odd_size, unaligned]
     roles = [ts, [t.clone() for t in ts], None]
-    *_, numels, nfull = launch._chunk_table(roles, [0, 1, 2], torch.device("cpu"))
-    assert numels.tolist() == [2 * B, B + 5, B]
-    assert nfull.tolist() == [2 * B, B, 0]
+
+    def chunks(roles):
+        _, table, numels = launch._chunk_table(roles, [0, 1, 2], torch.device("cpu"))
+        return {full: sorted(zip(t.tolist(), s.tolist())) for full, (t, s) in table.items()}
+
+    assert chunks(roles) == {True: [(0, 0), (0, B), (1, 0)], False: [(1, B), (2, 0)]}
     # ... and a role whose own pointer is unaligned demotes the tensor too.
     grads = [torch.zeros(2 * B + 1)[1:], torch.zeros(B + 5), torch.zeros(B)]
-    *_, nfull = launch._chunk_table([ts[:2] + [torch.zeros(B)], grads, None], [0, 1, 2],
-                                    torch.device("cpu"))
-    assert nfull.tolist() == [0, B, B]
+    assert chunks([ts[:2] + [torch.zeros(B)], grads, None]) == {
+        True: [(1, 0), (2, 0)], False: [(0, 0), (0, B), (1, B)]}

@@ -45,7 +45,7 @@ def _check_equivalence(rank, world_size, stage, dtype, opt_name, backend):
     model = _model(dtype)
     # Reference: one process, fp32 copy of y (the master), averaged gradients.
     master = [p.detach().float().clone().requires_grad_() for p in model]
-    ref = cls(master, **kw)
+    ref = cls(master, **dict(kw, backend="torch"))  # the spec, whatever the shards run
     opt = zero_sf.ZeroOptimizer(model.parameters(), cls, stage=stage, **LAYOUT, **kw)
     has_modes = opt_name == "sf"
     if has_modes:

@@ -5,7 +5,8 @@ the tables are built from host-known pointers and sizes.
 
 Launch policy (issue #3): a tensor of at least ``_OWN_LAUNCH_NUMEL`` elements
 (or a lone tensor, such as a ZeRO shard) gets one flat launch; smaller ones
-sharing device and dtypes go into one multi-tensor launch over a chunk table,
+sharing device and dtypes go into one multi-tensor kernel over a chunk table
+(two launches: whole aligned chunks unmasked and vectorized, then the tails),
 so a model of hundreds of small biases and norms costs a handful of launches,
 not one per parameter.  The user's parameters are not moved or flattened.
 """
@@ -55,19 +56,20 @@ def _chunk_table(roles: Roles, index: list[int], device: torch.device):
         _TABLE_CACHE.move_to_end(key)
         return hit
     numels = [roles[0][i].numel() for i in index]
-    # nfull[t]: the prefix of tensor t made of whole BLOCKs, when every role's
-    # pointer is 16-byte aligned (then those chunks run unmasked, vectorized);
-    # 0 otherwise (every chunk of t takes the masked, scalar path).
+    # Full chunks (whole BLOCKs of a tensor whose pointers, in every role,
+    # are 16-byte aligned) go to the unmasked, vectorized launch; the rest
+    # (ragged tails, every chunk of an unaligned tensor) to the masked one.
     aligned = [all(p[t] % 16 == 0 for p in key[1] if p is not None) for t in range(len(index))]
-    nfull = [(n // BLOCK) * BLOCK if a else 0 for n, a in zip(numels, aligned)]
-    chunk_tensor, chunk_start = [], []
+    chunks = {True: ([], []), False: ([], [])}
     for t, n in enumerate(numels):
-        starts = range(0, n, BLOCK)
-        chunk_tensor.extend([t] * len(starts))
-        chunk_start.extend(starts)
+        for start in range(0, n, BLOCK):
+            full = aligned[t] and start + BLOCK <= n
+            chunks[full][0].append(t)
+            chunks[full][1].append(start)
     as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
     tables = [as_dev(p) if p is not None else None for p in key[1]]
-    out = (tables, as_dev(chunk_tensor), as_dev(chunk_start), as_dev(numels), as_dev(nfull))
+    out = (tables, {full: (as_dev(ts), as_dev(starts)) for full, (ts, starts) in chunks.items()
+                    if ts}, as_dev(numels))
     _TABLE_CACHE[key] = out
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -98,12 +100,13 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, **kwargs) -> None:
                 *ptrs, n, **kwargs, BLOCK=BLOCK, **LAUNCH_OPTIONS)
         if batched:
             device = roles[0][batched[0]].device
-            tables, chunk_tensor, chunk_start, numels, nfull = _chunk_table(roles, batched, device)
+            tables, chunks, numels = _chunk_table(roles, batched, device)
             tables = [t if t is not None else tables[0] for t in tables]
             likes = [(r[batched[0]] if r is not None else roles[0][batched[0]]) for r in roles]
-            multi_kernel[(chunk_tensor.numel(),)](
-                *tables, *likes, chunk_tensor, chunk_start, numels, nfull,
-                **kwargs, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+            for full, (chunk_tensor, chunk_start) in chunks.items():
+                multi_kernel[(chunk_tensor.numel(),)](
+                    *tables, *likes, chunk_tensor, chunk_start, numels,
+                    **kwargs, FULL=full, BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
 def _floats(**scalars) -> dict:

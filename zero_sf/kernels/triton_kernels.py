@@ -115,29 +115,31 @@ def _flat_offsets(n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK: tl.constexpr):
-    """Chunk c of the table: its tensor t, offsets, mask, and whether it is
-    *full*: BLOCK elements inside the tensor's 16-byte-aligned full-chunk
-    prefix (``nfull``, 0 for a tensor whose pointers are not all aligned).
-    Full chunks take the unmasked path with alignment hints, which compiles to
-    128-bit loads/stores; a mask on a numel read at run time cannot (issue
-    #10: 24 scalar LDG.E per thread before)."""
+def _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK: tl.constexpr):
+    """Chunk c of the table: its tensor t, offsets and mask."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor_ptr + c)
-    start = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK)
+    start = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK)  # chunks start at k * BLOCK
     n = tl.load(numel_ptr + t)
-    full = start + BLOCK <= tl.load(nfull_ptr + t)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return t, offs, offs < n, full
+    return t, offs, offs < n
 
 
 @triton.jit
-def _ptr(table_ptr, t, like_ptr, ALIGNED: tl.constexpr):
-    # Pointer table entry t, typed like like_ptr (all tensors of one launch
-    # share a dtype per role).  ALIGNED: the host put only 16-byte-aligned
-    # pointers in the full-chunk prefix, so the hint is true there.
+def _ptr(table_ptr, t, like_ptr, FULL: tl.constexpr):
+    """Pointer table entry t, typed like like_ptr (all tensors of one launch
+    share a dtype per role).
+
+    FULL launches get only whole BLOCKs of tensors whose pointers are all
+    16-byte aligned (the host sorts the chunks, launch._chunk_table): there
+    the alignment hint is true and the unmasked accesses compile to 128-bit
+    loads/stores.  A mask on a numel read at run time cannot vectorize (24
+    scalar LDG.E per thread before, issue #10), so the ragged tails and
+    unaligned tensors take a second, masked launch.  Two kernels rather than
+    a branch in one: ``tl.multiple_of`` annotates the op that defined the
+    pointer, so a hint inside one branch would hold in both."""
     p = tl.load(table_ptr + t).to(like_ptr.dtype)
-    if ALIGNED:
+    if FULL:
         p = tl.multiple_of(p, 16)
     return p
 
@@ -177,38 +179,23 @@ def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, n,
 
 
 @triton.jit
-def _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
-                    v_like, yout_like, t, offs, mask, lr, ck, y_coef, beta2,
-                    bias_correction2, eps, weight_decay, grad_scale,
-                    HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr, ALIGNED: tl.constexpr):
-    yout_ptr = yout_like
-    if HAS_YOUT:
-        yout_ptr = _ptr(yout_tab, t, yout_like, ALIGNED)
-    _sf_adamw_body(_ptr(y_tab, t, y_like, ALIGNED), _ptr(g_tab, t, g_like, ALIGNED),
-                   _ptr(z_tab, t, z_like, ALIGNED), _ptr(v_tab, t, v_like, ALIGNED),
-                   yout_ptr, offs, mask, lr, ck, y_coef, beta2, bias_correction2, eps,
-                   weight_decay, grad_scale, HAS_WD, HAS_YOUT)
-
-
-@triton.jit
 def sf_adamw_multi_kernel(y_tab, g_tab, z_tab, v_tab, yout_tab,
                           y_like, g_like, z_like, v_like, yout_like,
-                          chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr,
+                          chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
                           lr, ck, y_coef, beta2, bias_correction2, eps,
                           weight_decay, grad_scale,
                           HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    t, offs, mask, full = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK)
-    if full:  # uniform per program: the branch costs one compare
-        _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
-                        v_like, yout_like, t, offs, None, lr, ck, y_coef, beta2,
-                        bias_correction2, eps, weight_decay, grad_scale, HAS_WD,
-                        HAS_YOUT, True)
-    else:
-        _sf_adamw_chunk(y_tab, g_tab, z_tab, v_tab, yout_tab, y_like, g_like, z_like,
-                        v_like, yout_like, t, offs, mask, lr, ck, y_coef, beta2,
-                        bias_correction2, eps, weight_decay, grad_scale, HAS_WD,
-                        HAS_YOUT, False)
+                          FULL: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
+    if FULL:
+        mask = None
+    yout_ptr = yout_like
+    if HAS_YOUT:
+        yout_ptr = _ptr(yout_tab, t, yout_like, FULL)
+    _sf_adamw_body(_ptr(y_tab, t, y_like, FULL), _ptr(g_tab, t, g_like, FULL),
+                   _ptr(z_tab, t, z_like, FULL), _ptr(v_tab, t, v_like, FULL), yout_ptr,
+                   offs, mask, lr, ck, y_coef, beta2, bias_correction2, eps,
+                   weight_decay, grad_scale, HAS_WD, HAS_YOUT)
 
 
 @triton.jit
@@ -262,51 +249,31 @@ def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, n,
 
 
 @triton.jit
-def _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
-                   p_like, g_like, v_like, buf_like, gavg_like, pout_like, t, offs, mask,
-                   lr, alpha, eps, weight_decay, bias_correction2, momentum,
-                   grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-                   EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                   HAS_POUT: tl.constexpr, ALIGNED: tl.constexpr):
-    buf_ptr = buf_like
-    gavg_ptr = gavg_like
-    pout_ptr = pout_like
-    if MOMENTUM:
-        buf_ptr = _ptr(buf_tab, t, buf_like, ALIGNED)
-    if CENTERED:
-        gavg_ptr = _ptr(gavg_tab, t, gavg_like, ALIGNED)
-    if HAS_POUT:
-        pout_ptr = _ptr(pout_tab, t, pout_like, ALIGNED)
-    _rmsprop_body(_ptr(p_tab, t, p_like, ALIGNED), _ptr(g_tab, t, g_like, ALIGNED),
-                  _ptr(v_tab, t, v_like, ALIGNED), buf_ptr, gavg_ptr, pout_ptr, offs, mask,
-                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
-                  grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                  BIAS_CORRECTION, HAS_POUT)
-
-
-@triton.jit
 def rmsprop_multi_kernel(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
                          p_like, g_like, v_like, buf_like, gavg_like, pout_like,
-                         chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr,
+                         chunk_tensor_ptr, chunk_start_ptr, numel_ptr,
                          lr, alpha, eps, weight_decay, bias_correction2, momentum,
                          grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                          MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                          EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                         HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask, full = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, nfull_ptr, BLOCK)
-    if full:
-        _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab, p_like, g_like,
-                       v_like, buf_like, gavg_like, pout_like, t, offs, None, lr, alpha,
-                       eps, weight_decay, bias_correction2, momentum, grad_scale, HAS_WD,
-                       MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT, BIAS_CORRECTION,
-                       HAS_POUT, True)
-    else:
-        _rmsprop_chunk(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab, p_like, g_like,
-                       v_like, buf_like, gavg_like, pout_like, t, offs, mask, lr, alpha,
-                       eps, weight_decay, bias_correction2, momentum, grad_scale, HAS_WD,
-                       MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT, BIAS_CORRECTION,
-                       HAS_POUT, False)
+                         HAS_POUT: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = _chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr, BLOCK)
+    if FULL:
+        mask = None
+    buf_ptr = buf_like
+    gavg_ptr = gavg_like
+    pout_ptr = pout_like
+    if MOMENTUM:
+        buf_ptr = _ptr(buf_tab, t, buf_like, FULL)
+    if CENTERED:
+        gavg_ptr = _ptr(gavg_tab, t, gavg_like, FULL)
+    if HAS_POUT:
+        pout_ptr = _ptr(pout_tab, t, pout_like, FULL)
+    _rmsprop_body(_ptr(p_tab, t, p_like, FULL), _ptr(g_tab, t, g_like, FULL),
+                  _ptr(v_tab, t, v_like, FULL), buf_ptr, gavg_ptr, pout_ptr, offs, mask,
+                  lr, alpha, eps, weight_decay, bias_correction2, momentum,
+                  grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
+                  BIAS_CORRECTION, HAS_POUT)
 
 
 @triton.jit

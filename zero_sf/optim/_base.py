@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..functional import DTensor, check_backend
+from ..functional import check_backend, is_dtensor
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -159,7 +159,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             return False
         for g in grads:
             total = g.abs().sum()
-            if DTensor is not None and isinstance(total, DTensor):
+            if is_dtensor(total):
                 total = total.full_tensor()  # every rank's shard, same answer everywhere
             if total.item() != 0.0:
                 return False

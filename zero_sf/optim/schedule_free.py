@@ -103,7 +103,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
                                  p_outs=self._outs(ps), backend=group["backend"])
-                sharded += [p for p in ps if F.DTensor is not None and isinstance(p, F.DTensor)]
+                sharded += [p for p in ps if F.is_dtensor(p)]
             group["train_mode"] = to_train
         if sharded:  # FSDP2 must drop unsharded copies of the old values
             from ..integrations.fsdp import reshard_modules_holding

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..functional import DTensor
+from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
 from ..optim._base import state_dtype_for
 from . import comm
@@ -142,7 +142,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ZeroOptimizer needs all parameters on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
         for i, p in enumerate(self._params):
-            if DTensor is not None and isinstance(p, DTensor):
+            if is_dtensor(p):
                 raise TypeError(
                     f"ZeroOptimizer got parameter #{i} as a DTensor{tuple(p.placements)}: the model "
                     "is already sharded (FSDP2's fully_shard, or tensor parallelism), and ZeRO "
