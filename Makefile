@@ -47,9 +47,9 @@ bench: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
 
-# Every kernel specialization the optimizers launch (~430), compiled for sm_80
+# Every kernel specialization the optimizers launch (561), compiled for sm_80
 # and sm_90 down to cubin without a GPU (the default test run compiles a
-# covering subset); ~7 minutes on 2 cores with an empty Triton cache.
+# covering subset); ~10 minutes on 2 cores with an empty Triton cache.
 compile-all: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m zero_sf.kernels.aot --all
 
