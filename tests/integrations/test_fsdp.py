@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 import zero_sf
 
-from .distributed import spawn
+from ..distributed import spawn
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3, 4: the same global batch at every world size
 KW = dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.01, warmup_steps=2)
