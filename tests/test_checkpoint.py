@@ -312,8 +312,13 @@ def test_flipped_bytes_are_detected_and_load_falls_back_to_the_previous_version(
     assert len([n for n in os.listdir(root) if n.startswith("v-")]) == 2
     for file in _latest_files(root):
         _flip(file)
-    spawn(_load_damaged, 2, root, "CRC-32|cannot read|failed", {"fallback": False})
-    spawn(_load_fallback, 2, root)
+    spawn(_load_damaged_then_fallback, 2, root)
+
+
+def _load_damaged_then_fallback(rank, world_size, root):
+    # One spawn for both (each costs ~10 s of process start-up on 2 cores).
+    _load_damaged(rank, world_size, root, "CRC-32|cannot read|failed", {"fallback": False})
+    _load_fallback(rank, world_size, root)
 
 
 def _negative_second_moment(rank, world_size, root):

@@ -42,9 +42,12 @@ def _grad(s, gen, dtype):
     return (torch.randn(s.shape, generator=gen) * s).to(dtype)
 
 
-# Every dtype combination at every size but the largest, where two
-# combinations keep the interpreter run short.
-FLAT_COMBOS = [(n, g, o) for n in SIZES[:-1] for g in [torch.float32] + LOW for o in [None] + LOW]
+# Every dtype combination at the small sizes; at 65,537 (64 unmasked blocks
+# and a 1-element tail) and 200,003 a few combinations keep the interpreter
+# run short: each grad dtype and each output dtype at least once.
+FLAT_COMBOS = [(n, g, o) for n in SIZES[:-2] for g in [torch.float32] + LOW for o in [None] + LOW]
+FLAT_COMBOS += [(SIZES[-2], g, o) for g, o in [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float16), (torch.bfloat16, None)]]
 FLAT_COMBOS += [(SIZES[-1], torch.float32, None), (SIZES[-1], torch.bfloat16, torch.bfloat16)]
 
 
