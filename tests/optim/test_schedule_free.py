@@ -246,3 +246,20 @@ def test_bf16_state_dict_roundtrip_keeps_fp32_state():
     st = next(iter(opt2.state.values()))
     assert st["z"].dtype == torch.float32
     assert torch.equal(st["z"], opt.state[params[0]]["z"])
+
+
+def test_state_dict_and_pickle_round_trips_keep_the_same_keys():
+    """A round trip through state_dict()/load_state_dict() or pickle gave
+    every param group a `differentiable` key (torch's __setstate__ default,
+    copied into the groups): state dicts must not grow."""
+    import pickle
+
+    for cls, kw in ((zero_sf.ScheduleFreeAdamW, {}), (zero_sf.RMSProp, {})):
+        opt = cls([torch.nn.Parameter(torch.randn(3))], **kw)
+        sd = opt.state_dict()
+        other = cls([torch.nn.Parameter(torch.randn(3))], **kw)
+        other.load_state_dict(sd)
+        again = pickle.loads(pickle.dumps(opt))
+        for o in (other, again):
+            assert o.state_dict()["param_groups"][0].keys() == sd["param_groups"][0].keys(), cls
+            assert o.defaults.keys() == opt.defaults.keys(), cls

@@ -182,7 +182,14 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         return sd
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        ours = "differentiable" in defaults
         super().__setstate__(state)
+        if not ours:
+            # torch's __setstate__ adds defaults["differentiable"] for old
+            # pickles; copied into the groups below it made a state_dict ->
+            # load_state_dict (or pickle) round trip grow a key (issue #12).
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_outputs", {})
         self.__dict__.setdefault("_grads", {})
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
