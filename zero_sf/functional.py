@@ -99,15 +99,20 @@ def _torch_chunks(*tensors: Optional[Tensor]):
         yield tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
 
 
-def is_dtensor(t) -> bool:
-    """``isinstance(t, DTensor)`` without importing torch.distributed.tensor
-    (0.8 s at import): a DTensor can only exist once its module is loaded."""
+def _dtensor_cls():
+    """The DTensor class, or None while its module is not loaded: importing
+    torch.distributed.tensor costs 0.8 s, and a DTensor can only exist once
+    it is."""
     for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5 / 2.4
-        mod = sys.modules.get(name)
-        cls = getattr(mod, "DTensor", None) if mod is not None else None
+        cls = getattr(sys.modules.get(name), "DTensor", None)
         if cls is not None:
-            return isinstance(t, cls)
-    return False
+            return cls
+    return None
+
+
+def is_dtensor(t) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
 
 
 def _local(tensor_lists):
@@ -118,29 +123,35 @@ def _local(tensor_lists):
     and placements), or the local shards would not line up element for
     element.  Indices whose local shard is empty (uneven sharding) are
     dropped.  Returns the lists of local tensors."""
+    DTensor = _dtensor_cls()  # looked up once, not per tensor
     first = tensor_lists[0]
-    if not any(is_dtensor(t) for t in first):
+    if DTensor is None or not any(isinstance(t, DTensor) for t in first):
         return tensor_lists
+
+    def where(x):
+        return (f"DTensor{tuple(x.placements)} on {x.device_mesh}"
+                if isinstance(x, DTensor) else "a plain tensor")
+
+    def local(x):
+        return x.to_local() if isinstance(x, DTensor) else x
+
     keep = []
     for i, p in enumerate(first):
         for k, role in enumerate(tensor_lists):
             t = role[i] if role is not None else None
             if t is None:
                 continue
-            if is_dtensor(t) != is_dtensor(p) or (
-                    is_dtensor(p) and (t.device_mesh != p.device_mesh
+            if isinstance(t, DTensor) != isinstance(p, DTensor) or (
+                    isinstance(p, DTensor) and (t.device_mesh != p.device_mesh
                                                 or t.placements != p.placements)):
-                where = (lambda x: f"DTensor{tuple(x.placements)} on {x.device_mesh}"
-                         if is_dtensor(x) else "a plain tensor")
                 raise ValueError(
                     f"tensor {i} of argument {k} is {where(t)} but its parameter is "
                     f"{where(p)}; all tensors of one parameter must share a layout "
                     "(create optimizer state with torch.zeros_like(param))")
-        if (p.to_local() if is_dtensor(p) else p).numel() > 0:
+        if local(p).numel() > 0:
             keep.append(i)
     return [None if role is None else
-            [(t.to_local() if is_dtensor(t) else t) if t is not None else None
-             for t in (role[i] for i in keep)]
+            [local(t) if t is not None else None for t in (role[i] for i in keep)]
             for role in tensor_lists]
 
 
