@@ -32,8 +32,8 @@ def test_bias_corrected_equals_adam_beta1_0(backend, weight_decay, alpha, maximi
                            maximize=maximize, bias_correction=True, backend=backend)
     _run_pair(ref, ours, p_ref, p_ours)
     assert max_diff(p_ref, p_ours) <= 2e-6
-    for p in p_ours:  # exactly one state tensor per parameter
-        assert [k for k, v in ours.state[p].items() if torch.is_tensor(v)] == ["square_avg"]
+    for p in p_ours:  # exactly one elementwise state tensor per parameter (+ the 0-dim step)
+        assert [k for k, v in ours.state[p].items() if torch.is_tensor(v) and v.dim()] == ["square_avg"]
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -108,7 +108,9 @@ def test_state_dict_interop_with_torch_rmsprop(direction):
     (dict(momentum=-0.5), "Invalid momentum value: -0.5"),
     (dict(weight_decay=-1e-3), "Invalid weight_decay value: -0.001"),
     (dict(alpha=-0.1), "Invalid alpha value: -0.1"),
-    (dict(alpha=1.5), "Invalid alpha value: 1.5"),
+    (dict(alpha=1.5, bias_correction=True), "Invalid alpha value: 1.5"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(lr=torch.tensor(-1e-3)), "Invalid learning rate"),
     (dict(alpha=1.0, bias_correction=True), "Invalid alpha value: 1.0"),
     (dict(initial_scale=-1.0), "Invalid initial_scale value: -1.0"),
     (dict(capturable=True), "Invalid capturable value: True"),
@@ -177,5 +179,13 @@ def test_per_parameter_step_counts_match_adam(backend):
             a.grad = None if skip else g.float()
             b.grad = None if skip else g.float()
         ref.step(), ours.step()
-    assert [ours.state[p]["step"] for p in p_ours] == [int(ref.state[p]["step"]) for p in p_ref]
+    assert [int(ours.state[p]["step"]) for p in p_ours] == [int(ref.state[p]["step"]) for p in p_ref]
     assert max_diff(p_ref, p_ours) <= 2e-6
+
+
+def test_alpha_above_one_accepted_like_torch():
+    """torch.optim.RMSprop only requires alpha >= 0; without bias correction so do we."""
+    ref_p, ours_p = clone_params([(3,)])(), clone_params([(3,)])()
+    ref = torch.optim.RMSprop(ref_p, alpha=1.5)
+    ours = zero_sf.RMSProp(ours_p, alpha=1.5)
+    assert ours.defaults["alpha"] == ref.defaults["alpha"] == 1.5

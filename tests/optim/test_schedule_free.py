@@ -121,7 +121,8 @@ def test_state_dict_interop(direction):
     (dict(r=-1.0), "Invalid r value: -1.0"),
     (dict(weight_lr_power=float("inf")), "Invalid weight_lr_power value: inf"),
     (dict(backend="cuda"), "Invalid backend: 'cuda'"),
-    (dict(lr=torch.tensor(0.1)), "Invalid learning rate"),
+    (dict(lr=torch.tensor([0.1, 0.1])), "Tensor lr must be 1-element"),
+    (dict(lr=torch.tensor(-0.1)), "Invalid learning rate"),
 ])
 def test_invalid_hyperparameters(bad, match):
     p = torch.randn(3, requires_grad=True)

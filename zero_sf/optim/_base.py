@@ -24,14 +24,29 @@ def state_dtype_for(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
 
+def host_float(value: Any) -> Any:
+    """A 1-element tensor hyperparameter (``lr=torch.tensor(1e-3)``, as
+    schedulers and capturable code pass it) as a Python float; anything else
+    unchanged.  The kernels take scalars by value, so a CUDA tensor costs one
+    host read per step here."""
+    return float(value.item()) if isinstance(value, Tensor) else value
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False,
-                 label: str | None = None) -> None:
+                 label: str | None = None, tensor_ok: bool = False) -> None:
     """Raise ``ValueError(f"Invalid {label}: {value}")`` unless value is a
-    finite real in the given interval (torch's wording)."""
+    finite real in the given interval (torch's wording).  ``tensor_ok``: a
+    1-element real tensor is accepted too (torch accepts one for ``lr``)."""
     label = label or f"{name} value"
     if isinstance(value, Tensor):
-        raise ValueError(f"Invalid {label}: {value} (a Tensor {name} is not supported; pass a float)")
+        if not tensor_ok:
+            raise ValueError(f"Invalid {label}: {value} (a Tensor {name} is not supported; pass a float)")
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.is_complex() or not value.is_floating_point():
+            raise ValueError(f"Invalid {label}: {value} (expected a real floating-point tensor)")
+        value = host_float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {label}: {value!r} (expected a real number)")
     ok = math.isfinite(value)
@@ -178,8 +193,15 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["state"] = {k: self.export_param_state(v) for k, v in sd["state"].items()}
+        # A state_dict pre-hook may have put anything in self.state (torch's
+        # own tests add ``state["test"] = 1``): only per-parameter dicts convert.
+        sd["state"] = {k: self.export_param_state(v) if isinstance(v, dict) else v
+                       for k, v in sd["state"].items()}
         return sd
+
+    def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`export_param_state`, in place, at load time."""
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         defaults = state.get("defaults", self.__dict__.get("defaults", {}))
@@ -213,7 +235,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         for index, (old_id, p) in enumerate(id_map.items()):
-            for key, value in state_dict["state"].get(old_id, {}).items():
+            saved = state_dict["state"].get(old_id, {})
+            for key, value in (saved.items() if isinstance(saved, dict) else ()):
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
                     raise ValueError(
                         f"loaded state {key!r} of parameter {index} has shape "
@@ -222,13 +245,35 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         return id_map
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch runs the pre-hooks, loads, then the post-hooks.  Our own
+        # conversions (fp32 state stays fp32, host step counts) must sit
+        # between the load and the post-hooks, or they would overwrite what a
+        # post-hook did; so the hooks run here, around torch's load.
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         id_map = self._pair_saved_ids(state_dict)
-        saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         # torch casts every floating state tensor to the param's dtype; keep
         # our fp32 state fp32 (it would round z and v to bf16 otherwise).
         for old_id, p in id_map.items():
-            for key, value in saved_state.get(old_id, {}).items():
+            saved = saved_state.get(old_id)
+            if not isinstance(saved, dict):
+                continue
+            for key, value in saved.items():
                 if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
                     self.state[p][key] = value.to(device=p.device, dtype=state_dtype_for(p),
                                                   copy=True)
+            self.import_param_state(self.state[p])
+        for post_hook in post.values():
+            post_hook(self)

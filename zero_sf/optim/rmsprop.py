@@ -3,6 +3,7 @@ placement and initial scale (optax ``scale_by_rms``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..spec import rms_bias_correction
-from ._base import ZeroSFOptimizer, check_number, state_dtype_for
+from ._base import ZeroSFOptimizer, check_number, host_float, state_dtype_for
 
 __all__ = ["RMSProp"]
 
@@ -32,10 +33,12 @@ class RMSProp(ZeroSFOptimizer):
     * ``initial_scale``: initial value of ``v`` (optax's ``initial_scale``).
     * ``backend``: ``"auto" | "torch" | "triton"``.
 
-    The step count is kept per parameter as a Python int (not a tensor:
-    bias correction is computed on the host, without a device sync).  State
-    dicts carry it as torch's 0-dim float tensor, so they load into
-    ``torch.optim.RMSprop`` and back.  State is fp32 for bf16/fp16 params.
+    The step count ``state["step"]`` is torch's: a 0-dim fp32 tensor on the
+    CPU (as ``torch.optim.RMSprop`` keeps it without ``capturable``), so state
+    dicts load both ways and tools may call ``.item()`` on it; being on the
+    host, reading it for the bias correction costs no device sync.  State is
+    fp32 for bf16/fp16 params.  A 1-element tensor ``lr`` is accepted (read
+    on the host once per step).
     ``capturable``, ``differentiable`` are accepted for signature
     compatibility but must be False; ``foreach`` is accepted and ignored.
     """
@@ -67,12 +70,15 @@ class RMSProp(ZeroSFOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_number("lr", group["lr"], label="learning rate")
+        check_number("lr", group["lr"], label="learning rate", tensor_ok=True)
         check_number("eps", group["eps"], label="epsilon value")
         check_number("momentum", group["momentum"])
         check_number("weight_decay", group["weight_decay"])
-        # alpha == 1 freezes v; with bias correction 1 - alpha**t would be 0.
-        check_number("alpha", group["alpha"], high=1.0, high_open=group["bias_correction"])
+        # torch.optim.RMSprop accepts any alpha >= 0 (alpha == 1 freezes v);
+        # bias correction divides by 1 - alpha**t, so there alpha < 1.
+        check_number("alpha", group["alpha"],
+                     high=1.0 if group["bias_correction"] else math.inf,
+                     high_open=group["bias_correction"])
         check_number("initial_scale", group["initial_scale"])
         for flag in ("capturable", "differentiable"):
             if group[flag]:
@@ -83,7 +89,7 @@ class RMSProp(ZeroSFOptimizer):
         state = self.state[p]
         if len(state) == 0:
             dtype = state_dtype_for(p)
-            state["step"] = 0
+            state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU: no device sync
             state["square_avg"] = torch.full_like(
                 p, group["initial_scale"], dtype=dtype, memory_format=torch.preserve_format)
             if group["momentum"] > 0:
@@ -108,19 +114,20 @@ class RMSProp(ZeroSFOptimizer):
             params = [p for p, _ in pairs]
             for p in params:
                 self._init_state(p, group)
-                self.state[p]["step"] += 1
+            if params:
+                torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
             # Params of one group share a step count unless some skipped
             # steps (no grad): one fused call per distinct count.
             by_step: dict[int, list[Tensor]] = {}
             for p in params:
-                by_step.setdefault(self.state[p]["step"], []).append(p)
+                by_step.setdefault(int(self.state[p]["step"]), []).append(p)
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
                 F.rmsprop(
                     ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
                     momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
                     grad_avgs=[s["grad_avg"] for s in states] if group["centered"] else None,
-                    lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                    lr=host_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"],
                     centered=group["centered"],
                     bias_correction2=rms_bias_correction(group["alpha"], step) if group["bias_correction"] else 1.0,
@@ -129,14 +136,12 @@ class RMSProp(ZeroSFOptimizer):
                     backend=group["backend"])
         return loss
 
-    def export_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        # torch.optim.RMSprop keeps `step` as a 0-dim float tensor per param.
-        if "step" not in state:
-            return state
-        return {**state, "step": torch.tensor(float(state["step"]))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            if isinstance(state.get("step"), Tensor):
-                state["step"] = int(state["step"].item())  # once, at load time
+    def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        # A step saved as a number (the sharded checkpoint's JSON scalars) or
+        # as a tensor on another device (a capturable torch.optim.RMSprop):
+        # back to the 0-dim fp32 CPU tensor the step reads without a sync.
+        step = state.get("step")
+        if step is not None and not (isinstance(step, Tensor) and step.device.type == "cpu"
+                                     and step.dtype == torch.float32 and step.dim() == 0):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        return state

@@ -8,7 +8,7 @@ import torch
 
 from .. import functional as F
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
-from ._base import ZeroSFOptimizer, check_int, check_number, state_dtype_for
+from ._base import ZeroSFOptimizer, check_int, check_number, host_float, state_dtype_for
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -16,7 +16,7 @@ __all__ = ["ScheduleFreeAdamW"]
 def validate_sf_group(group: dict[str, Any]) -> None:
     """Schedule-Free AdamW hyperparameters, torch's wording.  Shared with
     the sharded optimizer, which stores the same group keys."""
-    check_number("lr", group["lr"], label="learning rate")
+    check_number("lr", group["lr"], label="learning rate", tensor_ok=True)
     check_number("eps", group["eps"], label="epsilon value")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -142,7 +142,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         for group, pairs in zip(self.param_groups, active):
             params = [p for p, _ in pairs]
             beta1, beta2 = group["betas"]
-            sc = sf_scalars(k=group["k"], lr=group["lr"], beta1=beta1, beta2=beta2,
+            sc = sf_scalars(k=group["k"], lr=host_float(group["lr"]), beta1=beta1, beta2=beta2,
                             warmup_steps=group["warmup_steps"], r=group["r"],
                             weight_lr_power=group["weight_lr_power"],
                             lr_max=group["lr_max"], weight_sum=group["weight_sum"])

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
-from ..optim._base import state_dtype_for
+from ..optim._base import host_float, state_dtype_for
 from . import comm
 from .grads import FullGrads, ShardedGrads
 from .layout import build_layout
@@ -358,11 +358,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for group in self.inner.param_groups:
             per_param = {}
             for y in group["params"]:
-                per_param = {k: v for k, v in self.inner.state.get(y, {}).items()
-                             if not torch.is_tensor(v)}
+                # host scalars: not elementwise (RMSProp's 0-dim CPU step), as numbers
+                per_param = {k: v.item() if torch.is_tensor(v) else v
+                             for k, v in self.inner.state.get(y, {}).items()
+                             if not (torch.is_tensor(v) and v.dim() > 0)}
                 if per_param:
                     break
-            out.append({"group": {k: v for k, v in group.items() if k not in _HYPER_SKIP},
+            out.append({"group": {k: host_float(v) for k, v in group.items() if k not in _HYPER_SKIP},
                         "per_param": per_param})
         return out
 
@@ -372,6 +374,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 group[k] = tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v
             for y in group["params"]:
                 self.inner.state[y].update(saved["per_param"])
+                self.inner.import_param_state(self.inner.state[y])
         self._sync_hyper_out()
 
     @torch.no_grad()
@@ -395,8 +398,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         full.setdefault(slot.index, {})[key] = part.view_as(p).clone()
             for slot in buf.slots:
                 if slot.index in full:  # host scalars (RMSProp's step), in the inner format
-                    full[slot.index] = self.inner.export_param_state(
-                        {**full[slot.index], **scalars[buf.group]["per_param"]})
+                    full[slot.index] = self.inner.export_param_state(self.inner.import_param_state(
+                        {**full[slot.index], **scalars[buf.group]["per_param"]}))
         groups, start = [], 0
         for group, s in zip(self.param_groups, scalars):
             n = len(group["params"])
