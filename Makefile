@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,deepspeed]"
+	$(PY) -m pip install -q -e ".[test,bench,deepspeed,integrations]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,6 +11,7 @@ import torch.nn as nn
 pytest.importorskip("deepspeed", reason="pip install zero-sf[deepspeed]")
 
 import zero_sf  # noqa: E402
+import zero_sf.modes  # noqa: E402
 from tests.distributed import spawn  # noqa: E402
 from tests.helpers import averaged_reference  # noqa: E402
 
@@ -96,6 +97,36 @@ def _engine(stage, bf16, clip, opt_name="sf", via_config=True):
     return engine
 
 
+def _accelerate_route(rank, world_size):
+    """What Accelerate (and the Trainer on top of it) does: a plain
+    deepspeed.initialize from a config naming our optimizer, then
+    optimizer.train()/eval() on its DeepSpeedOptimizerWrapper, which reach
+    only the basic optimizer (accelerate #4159).  Once zero_sf.modes.resolve
+    has seen the wrapper (ScheduleFreeCallback.on_train_begin does that),
+    the model follows every switch."""
+    import deepspeed
+    from accelerate.utils import DeepSpeedOptimizerWrapper
+
+    import zero_sf.deepspeed as zsd
+    zsd.register()
+    cfg = zsd.check_config(_config(2, True, 0.0))
+    model = Targets()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    # accelerate's own class and its train()/eval() code; its __init__ needs an
+    # Accelerator, which this process does not build: only .optimizer is set.
+    wrapped = object.__new__(DeepSpeedOptimizerWrapper)
+    wrapped.optimizer = engine.optimizer
+    zero_sf.modes.resolve(wrapped)
+    wrapped.train()
+    _train(engine, rank, world_size, range(3))
+    ref, master = _reference("sf", [(range(3), world_size)], 0.0, True)
+    _assert_params(engine, master, True)
+    wrapped.eval(), ref.eval()  # AcceleratedOptimizer.eval -> basic.eval()
+    _assert_params(engine, master, True)
+    wrapped.train(), ref.train()
+    _assert_params(engine, master, True)
+
+
 def _equivalence(rank, world_size):
     import zero_sf.deepspeed as zsd
     _ds_setup(rank, world_size)
@@ -117,6 +148,15 @@ def _equivalence(rank, world_size):
                             _assert_params(engine, master, bf16)
                             zsd.train(engine), ref.train()
                             _assert_params(engine, master, bf16)
+                            # Accelerate's eval() calls the basic optimizer directly
+                            # (accelerate #4159): the model must follow it too.
+                            basic.eval(), ref.eval()
+                            _assert_params(engine, master, bf16)
+                            basic.train(), ref.train()
+                            with zero_sf.eval_mode(engine), zero_sf.eval_mode(ref):
+                                _assert_params(engine, master, bf16)
+                            _assert_params(engine, master, bf16)
+    _accelerate_route(rank, world_size)
     # Stage 0 in fp32: the optimizer sees the model's own parameters.
     engine = _engine(0, False, 0.0)
     _train(engine, rank, world_size, range(5))

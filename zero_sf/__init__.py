@@ -6,13 +6,15 @@ from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load", "CheckpointError", "functional", "spec", "__version__"]
+__all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load",
+           "CheckpointError", "eval_mode", "export", "functional", "spec", "__version__"]
 
 # The checkpoint functions import torch.distributed.checkpoint, which costs
 # ~1 s at import (it pulls in DTensor): loaded on first use instead, so a
 # process that only trains (every torchrun rank, every spawned test rank)
 # does not pay for it.
-_LAZY = {"save": "checkpoint", "load": "checkpoint", "CheckpointError": "checkpoint"}
+_LAZY = {"save": "checkpoint", "load": "checkpoint", "CheckpointError": "checkpoint",
+         "eval_mode": "modes", "export": "export"}
 
 
 def __getattr__(name):

@@ -124,7 +124,11 @@ def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
     if config is None and "config_params" in kwargs:
         config = kwargs.pop("config_params")
     cfg = check_config(config, optimizer)
-    return deepspeed.initialize(*args, config=cfg, optimizer=optimizer, **kwargs)
+    out = deepspeed.initialize(*args, config=cfg, optimizer=optimizer, **kwargs)
+    from .modes import resolve
+
+    resolve(out[0])  # basic.eval()/train() now regather the model, whoever calls them
+    return out
 
 
 def _basic_optimizer(engine) -> ZeroSFOptimizer:
@@ -139,29 +143,23 @@ def _basic_optimizer(engine) -> ZeroSFOptimizer:
     raise TypeError(f"engine's optimizer {type(opt).__name__} does not wrap a zero_sf optimizer")
 
 
-def _regather(engine, basic) -> None:
-    """Copy the fp32 partitions into the model's params and all-gather."""
-    if engine.optimizer is not basic:
-        engine.optimizer.update_lp_params()
-
-
 def eval(engine) -> None:  # noqa: A001 - mirrors optimizer.eval()
     """Optimizer y -> x on this rank's fp32 partitions, re-gather the model's
-    parameters, and put the module in eval mode.  Without the re-gather the
-    model keeps computing with y (accelerate issue #4159)."""
-    basic = _basic_optimizer(engine)
-    if hasattr(basic, "eval"):
-        basic.eval()
-        _regather(engine, basic)
+    parameters (DeepSpeed's ``update_lp_params``), and put the module in eval
+    mode.  Without the re-gather the model keeps computing with y (accelerate
+    issue #4159); :func:`zero_sf.modes.resolve` makes the basic optimizer do
+    it after every switch, also one that Accelerate makes."""
+    from .modes import resolve
+
+    resolve(engine).eval()
     engine.eval()
 
 
 def train(engine) -> None:
     """Optimizer x -> y, re-gather, module in train mode."""
-    basic = _basic_optimizer(engine)
-    if hasattr(basic, "train"):
-        basic.train()
-        _regather(engine, basic)
+    from .modes import resolve
+
+    resolve(engine).train()
     engine.train()
 
 
@@ -248,8 +246,10 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
                 state[key] = cut(pieces, size).to(part.device)
             else:
                 state[key] = value  # e.g. RMSProp's step count, equal on every rank
+        basic.import_param_state(state)
         basic.param_groups[i].update({k: v for k, v in saved_groups[i].items() if k != "params"})
-    _regather(engine, basic)
+    if engine.optimizer is not basic:  # the fp32 partitions into the model's params
+        engine.optimizer.update_lp_params()
     model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
     if os.path.exists(model_file):
         meta = torch.load(model_file, map_location="cpu", weights_only=False)

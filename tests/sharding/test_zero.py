@@ -1,6 +1,8 @@
 """ZeroOptimizer on gloo ranks (CPU) against single-process zero_sf runs fed
 the averaged gradients."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -114,7 +116,7 @@ def _data(rank, step, batch=16):
     return torch.randn(batch, 10, generator=g), torch.randn(batch, 3, generator=g)
 
 
-def _real_model(rank, world_size, stage, max_norm):
+def _real_model(rank, world_size, stage, max_norm, export_to=None):
     model, ref_model = _mlp(), _mlp()
     opt = zero_sf.ZeroScheduleFreeAdamW(model.parameters(), stage=stage, bucket_numel=500,
                                         align=8, lr=5e-2, weight_decay=0.01)
@@ -141,16 +143,30 @@ def _real_model(rank, world_size, stage, max_norm):
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
     assert opt.skipped_steps == 0
+    if export_to:
+        # zero_sf.export from every rank writes the single-process optimizer's x
+        from safetensors.torch import load_file
+        file = zero_sf.export(export_to, model, opt)
+        y_ref = [q.detach().clone() for q in ref_model.parameters()]
+        ref.eval()
+        saved = load_file(file)
+        for (name, _), q, y in zip(model.named_parameters(), ref_model.parameters(), y_ref):
+            torch.testing.assert_close(saved[name], q.detach(), rtol=0, atol=1e-6)
+            assert (saved[name] - y).abs().max() > 1e-4  # x, not y
+        for p, y in zip(model.parameters(), y_ref):  # the model is back at y
+            torch.testing.assert_close(p.detach(), y, rtol=0, atol=1e-6)
+        assert opt.inner.param_groups[0]["train_mode"]
 
 
-def _real_model_all(rank, world_size):
+def _real_model_all(rank, world_size, tmp):
     for stage in (1, 2):
         for max_norm in (None, 0.05):
-            _real_model(rank, world_size, stage, max_norm)
+            _real_model(rank, world_size, stage, max_norm,
+                        export_to=os.path.join(tmp, f"x{stage}.safetensors") if max_norm else None)
 
 
-def test_real_model_with_different_data_per_rank_and_clipping():
-    spawn(_real_model_all, 2)
+def test_real_model_with_different_data_per_rank_and_clipping_and_export(tmp_path):
+    spawn(_real_model_all, 2, str(tmp_path))
 
 
 def _accumulation(rank, world_size):

@@ -69,6 +69,15 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._outputs: dict[int, Tensor] = {}
         self._grads: dict[int, Tensor] = {}
+        self._switch_hooks: list = []
+
+    def add_switch_hook(self, hook) -> None:
+        """Call ``hook()`` after every train()/eval() switch that changed the
+        parameters (DeepSpeed: copy the fp32 partitions into the model, so a
+        switch made through Accelerate's wrapper reaches the model too).
+        Idempotent; not part of the state dict or a pickle."""
+        if hook not in self._switch_hooks:
+            self._switch_hooks.append(hook)
 
     # -- shard bindings (used by the sharded optimizer) --------------------
     def bind(self, param: Tensor, *, grad: Optional[Tensor] = None,
@@ -214,6 +223,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_outputs", {})
         self.__dict__.setdefault("_grads", {})
+        self.__dict__.setdefault("_switch_hooks", [])
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
         # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
         for group in self.param_groups:

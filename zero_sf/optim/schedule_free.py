@@ -93,10 +93,11 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
 
     @torch.no_grad()
     def _switch(self, to_train: bool) -> None:
-        sharded = []
+        sharded, switched = [], False
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue
+            switched = True
             beta1 = group["betas"][0]
             ps = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if ps:
@@ -109,6 +110,9 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             from ..integrations.fsdp import reshard_modules_holding
 
             reshard_modules_holding(sharded)
+        if switched:
+            for hook in self._switch_hooks:  # e.g. DeepSpeed's copy into the model
+                hook()
 
     def eval(self) -> None:
         """Parameters y -> x (``p.lerp_(z, 1 - 1/beta1)``): use before evaluation."""

@@ -1,0 +1,125 @@
+"""Which weights the model holds: ``y`` (train mode) or ``x`` (eval mode).
+
+Schedule-Free trains at ``y`` and evaluates and ships ``x``.  Users hold the
+optimizer through layers -- Accelerate's ``AcceleratedOptimizer``, a
+DeepSpeed engine and its ZeRO optimizer -- and a switch that stops at the
+wrong layer silently leaves the model at ``y`` (accelerate issue #4159:
+under DeepSpeed the fp32 partitions switched, the model's weights did not).
+:func:`resolve` finds the zero_sf optimizer under any of those layers and
+the step that makes the model follow it; :func:`eval_mode` is the context
+manager users call.  Bookkeeping only: the switch itself is the optimizer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+__all__ = ["eval_mode", "resolve", "Switchable"]
+
+
+@dataclass
+class Switchable:
+    """The object whose ``eval()``/``train()`` switch the weights, and what
+    must run after a switch so the model's parameters hold the result."""
+
+    optimizer: Any  # ScheduleFreeAdamW / ZeroOptimizer / RMSProp / any torch optimizer
+    regather: Optional[Callable[[], None]] = None
+
+    @property
+    def has_modes(self) -> bool:
+        return callable(getattr(self.optimizer, "eval", None)) and callable(
+            getattr(self.optimizer, "train", None))
+
+    def in_train_mode(self) -> Optional[bool]:
+        """True (y) / False (x) / None (no modes: x == y, e.g. RMSProp, AdamW)."""
+        if not self.has_modes:
+            return None
+        groups = getattr(getattr(self.optimizer, "inner", None), "param_groups", None) \
+            or self.optimizer.param_groups
+        return all(g.get("train_mode", True) for g in groups)
+
+    def eval(self) -> None:
+        if self.has_modes:
+            self.optimizer.eval()
+
+    def train(self) -> None:
+        if self.has_modes:
+            self.optimizer.train()
+
+
+def _deepspeed_zero_optimizer(obj) -> bool:
+    # DeepSpeedZeroOptimizer / BF16_Optimizer / FP16_Optimizer: they hold the
+    # basic optimizer as .optimizer and copy fp32 partitions to the model
+    # with update_lp_params().
+    return callable(getattr(obj, "update_lp_params", None))
+
+
+def resolve(obj) -> Switchable:
+    """The zero_sf (or other torch) optimizer under ``obj`` and its regather.
+
+    ``obj`` may be a zero_sf optimizer, a :class:`~zero_sf.ZeroOptimizer`, a
+    DeepSpeed engine or ZeRO optimizer, or any wrapper that keeps the wrapped
+    optimizer in ``.optimizer`` (Accelerate's ``AcceleratedOptimizer`` and
+    ``DeepSpeedOptimizerWrapper``, transformers' Trainer hands out those).
+    For DeepSpeed, the basic optimizer also learns to regather the model's
+    parameters after *any* later switch, so ``optimizer.eval()`` called by
+    Accelerate or the Trainer reaches the model too."""
+    from .optim._base import ZeroSFOptimizer
+    from .sharding import ZeroOptimizer
+
+    seen = []
+    cur = obj
+    while True:
+        seen.append(type(cur).__name__)
+        if isinstance(cur, (ZeroSFOptimizer, ZeroOptimizer)):
+            return Switchable(cur)
+        if callable(getattr(cur, "zero_optimization_stage", None)) and hasattr(cur, "optimizer"):
+            from .deepspeed import _basic_optimizer  # a DeepSpeed engine
+
+            basic = _basic_optimizer(cur)
+            regather = cur.optimizer.update_lp_params if cur.optimizer is not basic else None
+            return _with_hook(basic, regather)
+        if _deepspeed_zero_optimizer(cur) and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer):
+            return _with_hook(cur.optimizer, cur.update_lp_params)
+        inner = getattr(cur, "optimizer", None)
+        if inner is not None and inner is not cur and len(seen) < 8:
+            cur = inner
+            continue
+        if isinstance(cur, torch.optim.Optimizer):
+            return Switchable(cur)  # no y/x: eval_mode is a no-op
+        raise TypeError(
+            f"zero_sf.eval_mode() expects an optimizer, an optimizer wrapper or a DeepSpeed "
+            f"engine, got {' -> '.join(seen)}; pass the optimizer you step (or the engine)")
+
+
+def _with_hook(basic, regather) -> Switchable:
+    if regather is not None:
+        basic.add_switch_hook(regather)
+    return Switchable(basic, regather)
+
+
+@contextlib.contextmanager
+def eval_mode(obj) -> Iterator[Any]:
+    """``with zero_sf.eval_mode(optimizer_or_engine):`` -- the model holds ``x``
+    (what to evaluate and ship) inside the block; on exit the optimizer goes
+    back to the mode it was in (``y`` after a training step).
+
+    Works for :class:`~zero_sf.ScheduleFreeAdamW`, :class:`~zero_sf.ZeroOptimizer`
+    (collective: every rank enters the block), a DeepSpeed engine, and the
+    Accelerate / Trainer wrappers around them; for optimizers without modes
+    (``RMSProp``, ``torch.optim.AdamW``) x is y and nothing happens.  Yields
+    the resolved optimizer.
+    """
+    target = resolve(obj)
+    was_training = target.in_train_mode()
+    if was_training:
+        target.eval()
+    try:
+        yield target.optimizer
+    finally:
+        if was_training:
+            target.train()
