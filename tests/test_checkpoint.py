@@ -107,6 +107,46 @@ def _wrong_model(rank, world_size, root):
         zero_sf.load(root, _model(torch.float32), rms)
 
 
+def _across_dtypes(rank, world_size, root):
+    """A fp32 run (the CPU default) resumes in bf16 (the GPU default) with its
+    exact fp32 y as the master, and back; the printed version path loads."""
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, rank, world_size, range(3))
+    version = zero_sf.save(os.path.join(root, "fp32"), model, opt)
+    y32 = [p.detach().clone() for p in model]
+    state32 = opt.consolidated_state_dict()["state"]
+
+    low = _model(torch.bfloat16)
+    low_opt = zero_sf.ZeroOptimizer(low.parameters(), **LAYOUT, **SF_KW)
+    assert zero_sf.load(version, low, low_opt) == version
+    for p, y in zip(low, y32):
+        assert torch.equal(p.detach(), y.bfloat16())
+    for index, start, length, tensors in low_opt.shard_pieces():
+        assert torch.equal(tensors["master"], y32[index].reshape(-1)[start:start + length])
+    for i, st in low_opt.consolidated_state_dict()["state"].items():
+        assert all(torch.equal(st[k], state32[i][k]) for k in ("z", "exp_avg_sq"))
+    # the bf16 run's master follows the fp32 run (the gradients are bf16-exact)
+    _steps(model, opt, rank, world_size, range(3, 5))
+    _steps(low, low_opt, rank, world_size, range(3, 5))
+    for index, start, length, tensors in low_opt.shard_pieces():
+        torch.testing.assert_close(tensors["master"], model[index].detach().reshape(-1)[start:start + length],
+                                   rtol=0, atol=1e-6)
+
+    zero_sf.save(os.path.join(root, "bf16"), low, low_opt)
+    back = _model(torch.float32)
+    back_opt = zero_sf.ZeroOptimizer(back.parameters(), **LAYOUT, **SF_KW)
+    zero_sf.load(os.path.join(root, "bf16"), back, back_opt)
+    for p, q, r in zip(back, model, low):  # the fp32 master, not the bf16 weights
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+        assert not torch.equal(p.detach(), r.detach().float())
+
+
+def test_resume_across_parameter_dtypes_and_from_a_version_path(tmp_path):
+    spawn(_across_dtypes, 2, str(tmp_path))
+
+
 def test_checkpoint_of_another_model_is_refused_before_any_change(tmp_path):
     spawn(_wrong_model, 2, str(tmp_path))
 

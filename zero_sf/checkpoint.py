@@ -209,7 +209,15 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, keep: int = 2
 
 # ------------------------------------------------------------------ load
 def _candidates(path: str) -> list[str]:
-    """LATEST first, then the older complete versions, newest first."""
+    """LATEST first, then the older complete versions, newest first; a
+    version directory (what save() returns and prints) is just itself."""
+    name = os.path.basename(os.path.normpath(path))
+    if _VERSION.match(name) and os.path.isdir(path):
+        if not _committed(os.path.dirname(os.path.normpath(path)), name):
+            raise FileNotFoundError(f"checkpoint version {path!r} is incomplete (no COMMITTED "
+                                    "file: its save did not finish); load its parent directory "
+                                    "for the newest complete version")
+        return [path]
     latest = os.path.join(path, "LATEST")
     if not os.path.exists(latest):
         raise FileNotFoundError(f"no zero_sf checkpoint at {path!r} (no LATEST file)")
@@ -244,11 +252,15 @@ def _signature_error(target: str, meta: dict[str, Any], mine: dict[str, Any]) ->
     if meta.get("format") not in _READABLE:
         return f"format {meta.get('format')!r} is not one of {_READABLE}"
     if meta.get("optimizer") != mine["optimizer"]:
-        return (f"optimizer differs: the checkpoint was saved with {meta.get('optimizer')}, "
-                f"this optimizer is {mine['optimizer']}")
-    if meta.get("params") != mine["params"]:
+        return (f"optimizer differs: the checkpoint was saved by ZeroOptimizer("
+                f"{meta.get('optimizer')}), this is ZeroOptimizer({mine['optimizer']}); build "
+                f"ZeroOptimizer(params, zero_sf.{meta.get('optimizer')}, ...) to load it")
+    # Parameter dtypes may differ (a fp32 CPU run resumed in bf16 on GPUs and
+    # back): the optimizer state is fp32 either way, and the fp32 y comes from
+    # the saved master or the saved fp32 weights.  Names and shapes may not.
+    if [q[:2] for q in meta.get("params") or []] != [q[:2] for q in mine["params"]]:
         theirs = meta.get("params") or []
-        diff = next((i for i, (a, b) in enumerate(zip(mine["params"], theirs)) if a != b),
+        diff = next((i for i, (a, b) in enumerate(zip(mine["params"], theirs)) if a[:2] != b[:2]),
                     min(len(mine["params"]), len(theirs)))
         return (f"params differ: parameter #{diff} is "
                 f"{theirs[diff] if diff < len(theirs) else 'missing'} in the checkpoint, "
@@ -294,10 +306,20 @@ def _read(target: str, model: nn.Module, optimizer: ZeroOptimizer):
             if lo < hi:
                 yield f"optim/{index}/{key}/{s0}", s0, n, lo, hi
 
+    # The fp32 y ("master"): from the saved master where the saved model was
+    # low precision, else from the saved (fp32) weights themselves.
+    has_master = any(k == "master" for _, k in saved)
+    named = list(model.named_parameters())
+    names = {id(p): n for n, p in named}
     reads: dict[str, torch.Tensor] = {}
     plan = []  # (param index, key, offset in the rank's piece, source, offset, length)
-    for index, start, length, tensors in optimizer.shard_pieces():
-        for key in dict.fromkeys(keys + (["master"] if "master" in tensors else [])):
+    for index, start, length, tensors in optimizer.shard_pieces(y=True):
+        if not has_master:
+            # by identity; by position where the optimizer holds other tensors
+            # than this model's (the same architecture, as the signature checked)
+            name = f"model.{names.get(id(optimizer._params[index])) or named[index][0]}"
+            plan.append((index, start, "master", 0, name, start, length))
+        for key in dict.fromkeys(keys + (["master"] if has_master else [])):
             found = 0
             for name, s0, n, lo, hi in overlaps(index, key, start, start + length):
                 reads.setdefault(name, torch.empty(n, dtype=entries[name].properties.dtype))
@@ -308,7 +330,10 @@ def _read(target: str, model: nn.Module, optimizer: ZeroOptimizer):
                     f"checkpoint {target!r} lacks optimizer state {key!r} for elements "
                     f"[{start}, {start + length}) of parameter #{index}")
     model_sd = model.state_dict()
-    fresh = {k: torch.empty_like(v, device="cpu") if torch.is_tensor(v) else v
+    # read in the saved dtype (exact fp32 weights for a bf16 model's master)
+    fresh = {k: torch.empty_like(v, device="cpu", dtype=entries[f"model.{k}"].properties.dtype)
+             if torch.is_tensor(v) and f"model.{k}" in entries else
+             torch.empty_like(v, device="cpu") if torch.is_tensor(v) else v
              for k, v in model_sd.items()}
     # Every rank reads on its own (no collective inside DCP): a rank that
     # fails cannot leave the others waiting; _agree decides after.
@@ -342,11 +367,14 @@ def _write(model: nn.Module, optimizer: ZeroOptimizer, meta, fresh, plan, reads)
             model_sd[k].copy_(v)
     keys = sorted({key for _, _, key, *_ in plan} - {"master"})
     optimizer.ensure_state(keys)
-    pieces = {(index, start): tensors for index, start, _, tensors in optimizer.shard_pieces()}
+    pieces = {(index, start): tensors for index, start, _, tensors in optimizer.shard_pieces(y=True)}
     for index, start, key, d0, name, s0, n in plan:
-        pieces[(index, start)][key][d0:d0 + n].copy_(reads[name][s0:s0 + n])
+        source = reads[name] if name in reads else fresh[name[len("model."):]].reshape(-1)
+        pieces[(index, start)][key][d0:d0 + n].copy_(source[s0:s0 + n])
     optimizer.load_scalar_state(meta["scalars"])
-    optimizer.weights.mark_synced()  # the model and master agree: nothing to adopt
+    # Every rank wrote y for the elements it owns: all-gather, so the model
+    # holds y rounded to its dtype (a fp32 model loading a bf16 run's master).
+    optimizer.weights.gather(optimizer.process_group)
 
 
 def load(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, fallback: bool = True) -> str:

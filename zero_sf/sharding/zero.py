@@ -315,28 +315,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._switch("train")
 
     # -------------------------------------------------------- checkpoints
-    def shard_pieces(self):
+    def shard_pieces(self, *, y: bool = False):
         """This rank's share of every parameter's optimizer tensors.
 
         Yields ``(param_index, start, length, tensors)``: ``tensors`` maps ``master``
-        (fp32 ``y``, low-precision models only) and each elementwise state key
-        of the inner optimizer (``z``, ``exp_avg_sq`` ...) to 1-D views of
-        elements ``[start, start + len)`` of the flattened parameter.  Bookkeeping
-        only: the caller reads or writes the views.
+        (fp32 ``y``, low-precision models only; with ``y=True`` also for fp32
+        models, where it is a view of the model's own flat buffer) and each
+        elementwise state key of the inner optimizer (``z``, ``exp_avg_sq`` ...)
+        to 1-D views of elements ``[start, start + len)`` of the flattened
+        parameter.  Bookkeeping only: the caller reads or writes the views.
         """
         for bi, buf in enumerate(self.buffers):
-            for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
+            for b, y_chunk in zip(buf.buckets, self.weights.y_chunks[bi]):
                 a0, a1 = b.chunk_range(self.rank)
-                state = self.inner.state.get(y, {})
+                state = self.inner.state.get(y_chunk, {})
                 for slot in b.slots:
                     lo, hi = max(a0, slot.offset), min(a1, slot.offset + slot.numel)
                     if lo >= hi:
                         continue
                     cut = slice(lo - a0, hi - a0)
                     tensors = {k: v[cut] for k, v in state.items()
-                               if torch.is_tensor(v) and v.shape == y.shape}
-                    if self.weights.master[bi] is not None:
-                        tensors["master"] = y[cut]
+                               if torch.is_tensor(v) and v.shape == y_chunk.shape}
+                    if y or self.weights.master[bi] is not None:
+                        tensors["master"] = y_chunk[cut]
                     yield slot.index, lo - slot.offset, hi - lo, tensors
 
     def ensure_state(self, keys) -> None:
