@@ -26,15 +26,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, batch, corpus, split  # noqa: E402
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"))
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--save", default=None)
-    ap.add_argument("--resume", default=None)
-    ap.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+                    help="DeepSpeed config; its \"optimizer\" entry names ScheduleFreeAdamW or "
+                         "ZeroSFRMSProp, its zero_optimization.stage is 1 or 2")
+    ap.add_argument("--steps", type=int, default=200,
+                    help="total optimizer steps: a resumed run continues up to this step")
+    ap.add_argument("--seq", type=int, default=128, help="tokens (bytes) per sequence")
+    ap.add_argument("--eval-every", type=int, default=100, help="validation every N steps (at x)")
+    ap.add_argument("--save", default=None,
+                    help="directory for engine.save_checkpoint at the end")
+    ap.add_argument("--resume", default=None,
+                    help="a --save directory to resume from, at any world size "
+                         "(zero_sf.deepspeed.load_checkpoint)")
+    ap.add_argument("--local_rank", type=int, default=None,
+                    help="set by the deepspeed launcher; not for users")
     args = ap.parse_args(argv)
 
     import deepspeed
@@ -57,7 +69,15 @@ def main(argv=None):
     model = GPT(seq=args.seq)
     engine, _, _, _ = zsd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if args.resume:
-        zsd.load_checkpoint(engine, args.resume)  # any world size
+        tag = zsd.load_checkpoint(engine, args.resume)  # any world size
+        if engine.global_steps >= args.steps:
+            raise SystemExit(f"--resume {args.resume}: that checkpoint is at step "
+                             f"{engine.global_steps}, and --steps {args.steps} is the total step "
+                             f"count, so there is nothing to do; pass --steps larger than "
+                             f"{engine.global_steps}")
+        if rank == 0:
+            print(f"resumed {args.resume} ({tag}) at step {engine.global_steps}; training to "
+                  f"step {args.steps}", flush=True)
     zsd.train(engine)
     device = engine.device
     dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float32

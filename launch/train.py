@@ -37,36 +37,102 @@ from gpt import GPT, batch, corpus, split  # noqa: E402
 import zero_sf  # noqa: E402
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default (options whose
+    default is None say in their help what they default to)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     ap.add_argument("--optimizer", default="zero-sf",
                     choices=["zero-sf", "zero-rmsprop", "sf", "rmsprop", "adamw"],
                     help="zero-sf: ZeroOptimizer(ScheduleFreeAdamW); zero-rmsprop: "
                          "ZeroOptimizer(RMSProp, bias_correction); sf / rmsprop: DDP + the "
                          "single-device optimizer; adamw: DDP + torch AdamW, warmup + cosine")
-    ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--stage", type=int, default=2, choices=[1, 2],
+                    help="ZeRO stage of the zero-* optimizers: 1 shards the optimizer state and "
+                         "fp32 master, 2 also the gradients")
     ap.add_argument("--fsdp", action="store_true",
                     help="shard the model with FSDP2 (fully_shard) instead of DDP; needs a "
                          "single-device optimizer (sf, rmsprop, adamw).  With --dtype bf16 the "
                          "parameters stay fp32 and compute runs in bf16 "
                          "(MixedPrecisionPolicy(bf16, reduce fp32))")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300,
+                    help="total optimizer steps: a resumed run continues up to this step")
     ap.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--seq", type=int, default=128, help="tokens (bytes) per sequence")
+    ap.add_argument("--dim", type=int, default=128, help="model width")
+    ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default: 3e-3 for zero-sf, sf and adamw; 1e-3 for "
+                         "zero-rmsprop and rmsprop)")
+    ap.add_argument("--warmup", type=int, default=30,
+                    help="warmup steps (Schedule-Free's warmup_steps; adamw's linear warmup); "
+                         "a few percent of --steps")
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--max-norm", type=float, default=1.0)
+    ap.add_argument("--max-norm", type=float, default=1.0,
+                    help="clip the global gradient norm to this (0: no clipping)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="parameter dtype (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--save", default=None, help="checkpoint directory, written at the end")
-    ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    ap.add_argument("--eval-every", type=int, default=100, help="validation every N steps (at x)")
+    ap.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    ap.add_argument("--save", default=None,
+                    help="checkpoint directory, written at the end (zero-* optimizers: "
+                         "zero_sf.save; --fsdp: DCP); refused if it already holds a "
+                         "checkpoint this run did not resume from, unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="let --save write into a directory that holds another checkpoint")
+    ap.add_argument("--resume", default=None,
+                    help="checkpoint to resume from: a --save directory (its newest complete "
+                         "version) or one version directory inside it, at any world size")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
+
+
+def _holds_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "LATEST")) or os.path.exists(
+        os.path.join(path, ".metadata"))
+
+
+def check_args(ap, args) -> None:
+    """Every mistake that would otherwise surface after training, before it."""
+    sharded = args.optimizer.startswith("zero-")
+    if args.fsdp and sharded:
+        ap.error(f"--fsdp shards the model itself: use --optimizer sf, rmsprop or adamw, "
+                 f"not {args.optimizer} (ZeRO would shard it again)")
+    for flag, path in (("--save", args.save), ("--resume", args.resume)):
+        if path and not (sharded or args.fsdp):
+            ap.error(f"{flag} needs a zero-* optimizer (zero_sf.save/load) or --fsdp (DCP); "
+                     f"--optimizer {args.optimizer} has no checkpoint format here")
+    if args.resume and not os.path.isdir(args.resume):
+        ap.error(f"--resume {args.resume}: no such directory")
+    if args.save and _holds_checkpoint(args.save) and not args.overwrite:
+        resuming_it = args.resume and os.path.realpath(args.resume).startswith(
+            os.path.realpath(args.save))
+        if not resuming_it:
+            ap.error(f"--save {args.save} already holds a checkpoint that this run does not "
+                     "resume from; saving would replace it. Pass --resume "
+                     f"{args.save} to continue it, another --save directory, or --overwrite")
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: expected at least 1")
+
+
+def steps_done(opt) -> int:
+    """Optimizer steps a (resumed) optimizer has taken: Schedule-Free's k, or
+    the per-parameter step counts of RMSProp and AdamW."""
+    group = opt.param_groups[0]
+    if "k" in group:
+        return int(group["k"])
+    inner = getattr(opt, "inner", opt)
+    steps = [int(s["step"]) for s in inner.state.values() if isinstance(s, dict) and "step" in s]
+    return max(steps, default=0)
 
 
 def setup():
@@ -148,9 +214,6 @@ def main(argv=None) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
-    if args.fsdp and args.optimizer.startswith("zero-"):
-        raise SystemExit(f"--fsdp shards the model itself: use --optimizer sf, rmsprop or adamw, "
-                         f"not {args.optimizer} (ZeRO would shard it again)")
     model = GPT(dim=args.dim, layers=args.layers, seq=args.seq).to(
         device=device, dtype=torch.float32 if args.fsdp else dtype)
     n_params = sum(p.numel() for p in model.parameters())
@@ -169,15 +232,24 @@ def main(argv=None) -> dict:
     has_modes = hasattr(opt, "train")
     if has_modes:
         opt.train()
-    start = 0
+    start, resumed = 0, None
     if args.resume:
         if args.fsdp:
             dcp_load(args.resume, model, opt)
-        elif not sharded:
-            raise SystemExit("--resume needs a zero-* optimizer (zero_sf.load) or --fsdp (DCP)")
+            resumed = args.resume
         else:
-            zero_sf.load(args.resume, model, opt)
-        start = opt.param_groups[0].get("k", opt.param_groups[0].get("step", 0))
+            resumed = zero_sf.load(args.resume, model, opt)
+        start = steps_done(opt)
+        if start >= args.steps:
+            raise SystemExit(f"--resume {resumed}: that checkpoint is at step {start}, and "
+                             f"--steps {args.steps} is the total step count, so there is nothing "
+                             f"to do; pass --steps larger than {start}")
+        if sched is not None:  # the schedule continues where it stopped
+            import warnings
+            with warnings.catch_warnings():  # "step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                sched.last_epoch = start - 1
+                sched.step()
         if has_modes:
             opt.train()
     train_data, val_data = split(corpus())
@@ -188,6 +260,8 @@ def main(argv=None) -> dict:
               f"{args.optimizer}{f' stage {args.stage}' if sharded else ''}"
               f"{' on FSDP2' if args.fsdp else ''} | {dtype} | "
               f"{n_params/1e6:.2f}M params | {len(train_data)/1e3:.0f}K training bytes", flush=True)
+        if resumed:
+            print(f"resumed {resumed} at step {start}; training to step {args.steps}", flush=True)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -206,7 +280,7 @@ def main(argv=None) -> dict:
             opt.train()
         return loss.item()
 
-    history = {"train": [], "val": []}
+    history = {"train": [], "val": [], "resumed": [resumed, start] if resumed else None}
     t0, tokens, running = time.time(), 0, None
     for step in range(start, args.steps):
         # Each (rank, step) draws its own batch: a run resumed at the same
@@ -239,8 +313,6 @@ def main(argv=None) -> dict:
     if args.save:
         if args.fsdp:
             path = dcp_save(args.save, model, opt)
-        elif not sharded:
-            raise SystemExit("--save needs a zero-* optimizer (zero_sf.save) or --fsdp (DCP)")
         else:
             path = zero_sf.save(args.save, model, opt)
         if rank == 0:

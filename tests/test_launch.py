@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import zero_sf
+import zero_sf.checkpoint
 from tests.distributed import spawn
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
@@ -36,7 +38,9 @@ def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     first, last = h["train"][0][1], sum(l for _, l in h["train"][-5:]) / 5
     assert last < first - 1.0, (first, last)  # from ~5.5 (uniform over bytes)
     assert h["val"] and h["val"][-1][1] < first - 1.0
-    h2 = _run(1, small + ["--steps", "36", "--batch", "32", "--resume", ckpt], tmp_path, "b")
+    version = zero_sf.checkpoint._candidates(ckpt)[0]  # the path the save printed
+    h2 = _run(1, small + ["--steps", "36", "--batch", "32", "--resume", version], tmp_path, "b")
+    assert h2["resumed"] == [version, 30]
     assert h2["train"][0][0] == 31  # continued from the saved step
     assert h2["val"][-1][1] < h["val"][-1][1] + 0.1
     # Resumed at the same world size: the very trajectory of a run that never
@@ -46,6 +50,49 @@ def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     whole = _run(2, small + ["--steps", "36"], tmp_path, "d")
     assert resumed["train"] == whole["train"][30:]
     assert resumed["val"][-1] == whole["val"][-1]
+
+
+TINY = ["--dim", "32", "--layers", "1", "--seq", "16", "--batch", "2", "--eval-every", "100",
+        "--log-every", "100"]
+
+
+def _no_training(monkeypatch):
+    import train
+    monkeypatch.setattr(train, "GPT", lambda *a, **k: pytest.fail("trained before failing"))
+    return train
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "sf", "--save", "{d}/new"], "--save needs a zero-\\* optimizer"),
+    (["--optimizer", "adamw", "--resume", "{d}"], "--resume needs a zero-\\* optimizer"),
+    (["--resume", "{d}/missing"], "no such directory"),
+    (["--save", "{d}/old"], "already holds a checkpoint that this run does not resume from"),
+    (["--fsdp", "--optimizer", "zero-sf"], "--fsdp shards the model itself"),
+])
+def test_argument_mistakes_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
+    train = _no_training(monkeypatch)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "LATEST").write_text("v-000001-00000000")
+    with pytest.raises(SystemExit):
+        train.main([a.format(d=tmp_path) for a in argv])
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_steps_and_overwrite(tmp_path, monkeypatch):
+    """zero-rmsprop (a step count per parameter, no k): the resumed run says
+    where it resumed and continues from there; --steps not past the
+    checkpoint is an error, not a silent no-op; --save into a checkpoint
+    directory needs --resume of it or --overwrite."""
+    import train
+    ckpt = str(tmp_path / "ckpt")
+    train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "3", "--save", ckpt])
+    h = train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "5", "--resume", ckpt,
+                           "--save", ckpt])
+    assert h["resumed"][1] == 3 and [s for s, _ in h["train"]] == [4, 5]
+    with pytest.raises(SystemExit, match="at step 5, and --steps 5 is the total"):
+        train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "5", "--resume", ckpt])
+    train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "1", "--save", ckpt, "--overwrite"])
 
 
 def test_fsdp2_job_trains_and_resumes_at_another_world_size(tmp_path):

@@ -153,6 +153,14 @@ def test_step_in_eval_mode_raises_and_changes_nothing():
     assert_unchanged(before, snapshot(opt, params))
 
 
+def test_first_step_without_train_says_the_optimizer_starts_in_eval_mode():
+    p = torch.randn(3, requires_grad=True)
+    opt = zero_sf.ScheduleFreeAdamW([p])
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"starts in eval mode.*optimizer.train\(\) before the first step"):
+        opt.step()
+
+
 def test_hyperparameter_broken_after_construction_raises_before_any_change():
     opt, params = _trained()
     opt.add_param_group({"params": [torch.randn(5, requires_grad=True)]})

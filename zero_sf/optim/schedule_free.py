@@ -36,9 +36,10 @@ def validate_sf_group(group: dict[str, Any]) -> None:
 
 def eval_mode_error(name: str) -> RuntimeError:
     return RuntimeError(
-        f"{name}.step() was called in eval mode: the parameters hold x, not y. "
-        "Call optimizer.train() before training steps and optimizer.eval() before "
-        "evaluation or saving (as with schedulefree.AdamWScheduleFree)")
+        f"{name}.step() was called in eval mode: the parameters hold x, not y. The "
+        "optimizer starts in eval mode (as schedulefree.AdamWScheduleFree does): call "
+        "optimizer.train() before the first step and after every optimizer.eval() "
+        "(evaluation, saving)")
 
 
 class ScheduleFreeAdamW(ZeroSFOptimizer):
