@@ -42,7 +42,7 @@ def _ds_setup(rank, world_size):
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     import deepspeed
-    # Skip the ~60 s JIT build of the shared-memory comm op (DESIGN.md §6).
+    # Skip the ~60 s JIT build of the shared-memory comm op (docs/design.md §6).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")  # reuses the harness's gloo group
     import deepspeed.utils.logging as dsl

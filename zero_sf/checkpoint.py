@@ -1,4 +1,4 @@
-"""Sharded checkpoints that load at any world size (DESIGN.md §5, §9).
+"""Sharded checkpoints that load at any world size (docs/design.md §5).
 
 Layout on disk (``path`` is a directory, on storage every rank can reach):
 

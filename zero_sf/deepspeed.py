@@ -1,4 +1,4 @@
-"""DeepSpeed integration (DESIGN.md §6): zero_sf optimizers from a DeepSpeed
+"""DeepSpeed integration (docs/design.md §6): zero_sf optimizers from a DeepSpeed
 config or as client optimizers, under ZeRO stage 1 and 2.
 
 Under ZeRO-1/2 DeepSpeed partitions the model itself and hands the optimizer

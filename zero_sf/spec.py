@@ -1,4 +1,4 @@
-"""The math, once: plain-torch reference rules (DESIGN.md §1).
+"""The math, once: plain-torch reference rules (docs/design.md §1).
 
 Every other path -- the fused Triton kernels, the sharded optimizer, the
 DeepSpeed path -- is tested against the functions in this module, and these

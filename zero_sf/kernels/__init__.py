@@ -1,4 +1,4 @@
-"""Fused Triton kernels (DESIGN.md §4): one pass over memory per step.
+"""Fused Triton kernels (docs/design.md §4): one pass over memory per step.
 
 Importing this package imports Triton; :mod:`zero_sf.functional` imports it
 lazily, only when ``backend="triton"`` (or ``"auto"`` on CUDA) asks for it.

@@ -5,7 +5,7 @@ of many tensors in one launch (the single-device optimizer's small params).
 
 Traffic per element of one SF-AdamW step, bf16 model with fp32 master:
 read g(2) y(4) z(4) v(4) = 14 B, write y(4) z(4) v(4) y_out(2) = 14 B,
-28 B in all -- the same as torch's fused AdamW (DESIGN.md §4).
+28 B in all -- the same as torch's fused AdamW (docs/design.md §4).
 """
 
 import triton
@@ -17,7 +17,7 @@ def _round(x, ptr):
     """x (fp32) rounded to ptr's element type, to nearest even.
 
     bf16 is rounded by hand on the bits: under TRITON_INTERPRET=1 Triton's
-    own fp32->bf16 cast truncates (DESIGN.md §4), which would leave CPU
+    own fp32->bf16 cast truncates (docs/design.md §4), which would leave CPU
     results up to 1 ulp off torch's ``.bfloat16()``; this way the kernel is
     bit-exact against torch everywhere, for ~4 integer ops per element of a
     memory-bound kernel."""

@@ -1,4 +1,4 @@
-"""Gradient arrival (DESIGN.md §9): from autograd to this rank's summed
+"""Gradient arrival (docs/design.md §3): from autograd to this rank's summed
 gradient chunks, with torch's semantics as the reference:
 
 * gradients from any number of backward passes before ``step()`` sum

@@ -1,4 +1,4 @@
-"""Where every element lives: flat buffers, buckets, rank chunks (DESIGN.md §3).
+"""Where every element lives: flat buffers, buckets, rank chunks (docs/design.md §3).
 
 Pure bookkeeping: integers only, no tensors, no communication, no math.
 

@@ -1,4 +1,4 @@
-"""The model's weights inside the sharded optimizer (DESIGN.md §9: "the model
+"""The model's weights inside the sharded optimizer (docs/design.md §3: "the model
 owns its weights").
 
 Bookkeeping only, no update math and no gradients.  Per (param group, dtype)
