@@ -57,8 +57,8 @@ MUTANTS = [
      ["tests/kernels/test_triton_kernels.py"]),
     # -- the optimizers' bookkeeping
     ("RMSProp: the first parameter's step count for the whole group", "zero_sf/optim/rmsprop.py",
-     'by_step.setdefault(self.state[p]["step"], []).append(p)',
-     'by_step.setdefault(self.state[params[0]]["step"], []).append(p)',
+     'by_step.setdefault(int(self.state[p]["step"]), []).append(p)',
+     'by_step.setdefault(int(self.state[params[0]]["step"]), []).append(p)',
      ["tests/optim/test_rmsprop.py"]),
     # -- sharding: tested against single processes fed the averaged gradients
     ("sharding: grad_scale without 1/world_size", "zero_sf/sharding/zero.py",
@@ -88,6 +88,11 @@ MUTANTS = [
      "if any(n * sums[2 + 2 * j] != sums[1 + 2 * j] ** 2 for j in range(3)):", "if False:",
      ["tests/sharding/test_params.py"]),
     # -- checkpoints
+    ("checkpoint: a bf16 model's master from its rounded weights, not the saved fp32 ones",
+     "zero_sf/checkpoint.py",
+     'torch.empty_like(v, device="cpu", dtype=entries[f"model.{k}"].properties.dtype)',
+     'torch.empty_like(v, device="cpu")',
+     ["tests/test_checkpoint.py::test_resume_across_parameter_dtypes_and_from_a_version_path"]),
     ("checkpoint: the lr of the last step is saved", "zero_sf/sharding/zero.py",
      "self._sync_hyper_in()  # what param_groups hold now", "pass  # what param_groups hold now",
      ["tests/test_checkpoint.py"]),
@@ -98,6 +103,14 @@ MUTANTS = [
      "if key in _NONNEGATIVE and (t < 0).any():", "if False:",
      ["tests/test_checkpoint.py"]),
     # -- DeepSpeed
+    # -- y/x through wrappers and trainers
+    ("modes: a DeepSpeed model does not follow the optimizer's switches", "zero_sf/modes.py",
+     "        basic.add_switch_hook(regather)\n", "        pass\n",
+     ["tests/test_deepspeed.py::test_config_and_client_routes_match_single_process",
+      "tests/integrations/test_transformers.py::test_trainer_deepspeed_route_saves_x_and_resumes_exactly"]),
+    ("transformers: the Trainer saves without switching to x", "zero_sf/integrations/transformers.py",
+     "            self._resolve(optimizer).eval()\n", "            pass\n",
+     ["tests/integrations/test_transformers.py"]),
     ("deepspeed: load_checkpoint skips the fp32 partition", "zero_sf/deepspeed.py",
      "part.copy_(cut(flats[i], size))", "pass",
      ["tests/test_deepspeed.py::test_checkpoint_save_at_2_load_at"]),
