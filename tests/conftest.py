@@ -18,7 +18,7 @@ _missing = [name for name in ("triton", "deepspeed") if importlib.util.find_spec
 if _missing and os.environ.get("ZERO_SF_SKIP_MISSING") != "1":
     raise pytest.UsageError(f"test dependencies missing: {_missing}; pip install -e '.[test]' "
                             "(or set ZERO_SF_SKIP_MISSING=1 to skip the tests that need them)")
-BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+BACKENDS = ["torch", "cpu"] + (["triton"] if triton_available() else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,5 +1,6 @@
 """Functional entry points: one keyword-only signature per rule, dispatching
-to the plain-torch spec (:mod:`zero_sf.spec`) or the fused Triton kernels.
+to the plain-torch spec (:mod:`zero_sf.spec`), the fused Triton kernels (CUDA)
+or the fused CPU backend (:mod:`zero_sf.cpu`).
 
 The optimizers (single-device and sharded) keep state and compute the host
 scalars; they call these functions with lists of same-role tensors (a list of
@@ -19,7 +20,7 @@ from . import spec
 
 __all__ = ["sf_adamw", "rmsprop", "sf_interpolate", "resolve_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def triton_available() -> bool:
@@ -35,16 +36,33 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
 
 
-def resolve_backend(backend: str, tensors: Sequence[Tensor]) -> str:
-    """``"torch"`` or ``"triton"`` for these tensors.
+def _cpu_backend():
+    from . import cpu  # lazy: builds or loads the C library on first use
 
-    ``auto``: Triton when every tensor is on CUDA and Triton imports, else
-    torch.  ``triton``: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    return cpu
+
+
+def resolve_backend(backend: str, tensors: Sequence[Tensor]) -> str:
+    """``"torch"``, ``"triton"`` or ``"cpu"`` for these tensors.
+
+    ``auto``: Triton when every tensor is on CUDA and Triton imports; the
+    fused CPU backend when every tensor is on the CPU and it builds (see
+    :mod:`zero_sf.cpu`); else torch.  ``triton``: CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1.  ``cpu``: CPU tensors, with the backend built.
     """
     check_backend(backend)
     on_cuda = len(tensors) > 0 and all(t.is_cuda for t in tensors)
+    on_cpu = len(tensors) > 0 and all(t.device.type == "cpu" for t in tensors)
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        if on_cuda and triton_available():
+            return "triton"
+        return "cpu" if on_cpu and _cpu_backend().available() else "torch"
+    if backend == "cpu":
+        if not on_cpu:
+            raise RuntimeError("backend='cpu' needs CPU tensors; use backend='auto'")
+        if not _cpu_backend().available():
+            raise RuntimeError(f"backend='cpu' is unavailable here "
+                               f"({_cpu_backend().unavailable_reason()}); use backend='torch'")
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
@@ -67,13 +85,20 @@ def _all_contiguous(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or t.is_contiguous() for t in tensors)
 
 
-def _split(backend: str, n: int, tensor_lists) -> tuple[list[int], list[int]]:
-    """Indices for the kernels and for the torch fallback (non-contiguous)."""
-    if backend != "triton":
+def _split(backend: str, n: int, tensor_lists, n_state: int = 0) -> tuple[list[int], list[int]]:
+    """Indices for the fused path and for the torch fallback (non-contiguous;
+    for the CPU backend also dtypes it does not take, e.g. fp64).  The
+    last ``n_state`` lists are optimizer state (fp32 for the CPU backend)."""
+    if backend not in ("triton", "cpu"):
         return [], list(range(n))
     fused, plain = [], []
     for i in range(n):
-        ok = _all_contiguous(*(tl[i] if tl is not None else None for tl in tensor_lists))
+        ts = [tl[i] if tl is not None else None for tl in tensor_lists]
+        if backend == "triton":
+            ok = _all_contiguous(*ts)
+        else:
+            cut = len(ts) - n_state
+            ok = _cpu_backend().eligible(*ts[:cut], state=ts[cut:])
         (fused if ok else plain).append(i)
     return fused, plain
 
@@ -189,11 +214,14 @@ def sf_adamw(
     if not ys:  # e.g. every local shard of this rank is empty
         return
     backend = resolve_backend(backend, ys)
-    fused, plain = _split(backend, len(ys), (ys, grads, zs, vs, y_outs))
+    fused, plain = _split(backend, len(ys), (ys, grads, y_outs, zs, vs), n_state=2)
     scalars = dict(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                    bias_correction2=bias_correction2, eps=eps,
                    weight_decay=weight_decay, grad_scale=grad_scale)
-    if fused:
+    if fused and backend == "cpu":
+        _cpu_backend().sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
+                                _pick(vs, fused), _pick(y_outs, fused), **scalars)
+    elif fused:
         _kernels().sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
                             _pick(vs, fused), y_outs=_pick(y_outs, fused), **scalars)
     for i in plain:
@@ -232,12 +260,19 @@ def rmsprop(
         return
     backend = resolve_backend(backend, params)
     fused, plain = _split(backend, len(params),
-                          (params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs))
+                          (params, grads, param_outs, square_avgs, momentum_buffers, grad_avgs),
+                          n_state=3)
     scalars = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                    momentum=momentum, centered=centered,
                    bias_correction2=bias_correction2, eps_in_sqrt=eps_in_sqrt,
                    maximize=maximize, grad_scale=grad_scale)
-    if fused:
+    if fused and backend == "cpu":
+        _cpu_backend().rmsprop(_pick(params, fused), _pick(grads, fused),
+                               _pick(square_avgs, fused),
+                               momentum_buffers=_pick(momentum_buffers, fused),
+                               grad_avgs=_pick(grad_avgs, fused),
+                               param_outs=_pick(param_outs, fused), **scalars)
+    elif fused:
         _kernels().rmsprop(_pick(params, fused), _pick(grads, fused),
                            _pick(square_avgs, fused),
                            momentum_buffers=_pick(momentum_buffers, fused),
@@ -264,8 +299,11 @@ def sf_interpolate(
     if not ps:
         return
     backend = resolve_backend(backend, ps)
-    fused, plain = _split(backend, len(ps), (ps, zs, p_outs))
-    if fused:
+    fused, plain = _split(backend, len(ps), (ps, p_outs, zs), n_state=1)
+    if fused and backend == "cpu":
+        _cpu_backend().sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
+                                      p_outs=_pick(p_outs, fused))
+    elif fused:
         _kernels().sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
                                   p_outs=_pick(p_outs, fused))
     for i in plain:

@@ -1,0 +1,224 @@
+/* zero_sf's fused CPU backend: one pass over memory per optimizer step.
+ *
+ * The math mirrors zero_sf/spec.py line by line, op by op, as torch's CPU
+ * kernels evaluate those ops, measured op by op on torch 2.13's CPU kernels:
+ * addcmul = fma(value * t1, t2, self), add/sub with alpha = fma(other, alpha,
+ * self), lerp = fma(w or w-1, end - self, self or end), addcdiv = self +
+ * (value * t1) / t2, the rest plain fp32 ops.  Compiled with
+ * -ffp-contract=off: no other contraction.  One deliberate difference:
+ * sqrtf is correctly rounded, while torch's AVX512 sqrt is off by one ulp
+ * in about 18 % of elements (so the spec's bits depend on the CPU).
+ *
+ * Work: an array of tasks (one per tensor), processed in blocks of BLOCK
+ * elements: low-precision inputs are widened into fp32 scratch arrays on
+ * the stack, the block is updated in fp32 (loops the compiler vectorizes),
+ * low-precision outputs are rounded to nearest even.  Threads split the
+ * elements of all tasks evenly (pthreads; no OpenMP runtime to clash with
+ * torch's).
+ *
+ * Built at first use by zero_sf/cpu/__init__.py with the system C compiler
+ * and cached; loaded with ctypes.  No Python or torch headers.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 1024
+#define MAX_THREADS 256
+
+enum { F32 = 0, BF16 = 1, F16 = 2, NONE = 3 };
+
+typedef struct {
+    void *p[6];
+    int64_t n;
+} zsf_task;
+
+/* ------------------------------------------------------------ conversion */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+static void load(float *dst, const void *src, int dt, int64_t off, int m) {
+    if (dt == F32) {
+        memcpy(dst, (const float *)src + off, (size_t)m * 4);
+    } else if (dt == BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int i = 0; i < m; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        const _Float16 *s = (const _Float16 *)src + off;
+        for (int i = 0; i < m; i++) dst[i] = (float)s[i];
+    }
+}
+
+static void store(void *dst, const float *src, int dt, int64_t off, int m) {
+    if (dt == F32) {
+        memcpy((float *)dst + off, src, (size_t)m * 4);
+    } else if (dt == BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int i = 0; i < m; i++) d[i] = f32_to_bf16(src[i]);
+    } else if (dt == F16) {
+        _Float16 *d = (_Float16 *)dst + off;
+        for (int i = 0; i < m; i++) d[i] = (_Float16)src[i];
+    }
+}
+
+/* torch's lerp: weight < 0.5 ? self + w*(end-self) : end - (end-self)*(1-w), as fmas */
+static inline float lerp(float self, float end, float w) {
+    return fabsf(w) < 0.5f ? fmaf(w, end - self, self) : fmaf(w - 1.0f, end - self, end);
+}
+
+/* --------------------------------------------------------------- the rules */
+typedef struct {
+    int kind; /* 0 sf_adamw, 1 rmsprop, 2 interpolate */
+    int dt_p, dt_g, dt_out;
+    /* sf_adamw */
+    float lr, ck, y_coef, beta2, one_minus_beta2, bc2, eps, wd, scale;
+    int has_bc2, has_wd, has_scale;
+    /* rmsprop */
+    float alpha, one_minus_alpha, momentum;
+    int centered, eps_in_sqrt, maximize, has_momentum;
+    /* interpolate */
+    float weight;
+} zsf_args;
+
+static void sf_block(const zsf_args *a, float *restrict y, const float *restrict g,
+                     float *restrict z, float *restrict v, int m) {
+    for (int i = 0; i < m; i++) {
+        float gi = a->has_scale ? g[i] * a->scale : g[i];
+        float vi = v[i] * a->beta2;                      /* v.mul_(beta2) */
+        vi = fmaf(a->one_minus_beta2 * gi, gi, vi);      /* .addcmul_(g, g, 1-beta2) */
+        v[i] = vi;
+        float d = a->has_bc2 ? vi / a->bc2 : vi;
+        d = sqrtf(d) + a->eps;
+        float u = gi / d;
+        float yi = y[i];
+        if (a->has_wd) u = fmaf(yi, a->wd, u);            /* u.add_(y, alpha=wd) */
+        yi = lerp(yi, z[i], a->ck);                       /* y.lerp_(z, ck) */
+        yi = fmaf(u, a->y_coef, yi);                      /* y.add_(u, alpha=y_coef) */
+        z[i] = fmaf(u, -a->lr, z[i]);                     /* z.sub_(u, alpha=lr) */
+        y[i] = yi;
+    }
+}
+
+static void rms_block(const zsf_args *a, float *restrict p, const float *restrict g,
+                      float *restrict v, float *restrict buf, float *restrict gavg, int m) {
+    for (int i = 0; i < m; i++) {
+        float gi = a->has_scale ? g[i] * a->scale : g[i];
+        if (a->maximize) gi = -gi;
+        float pi = p[i];
+        if (a->has_wd) gi = fmaf(pi, a->wd, gi);            /* g.add(p, alpha=wd) */
+        float vi = v[i] * a->alpha;
+        vi = fmaf(a->one_minus_alpha * gi, gi, vi);        /* .addcmul_(g, g, 1-alpha) */
+        v[i] = vi;
+        float avg;
+        if (a->centered) {
+            float ga = lerp(gavg[i], gi, a->one_minus_alpha);
+            gavg[i] = ga;
+            avg = fmaf(-1.0f * ga, ga, vi);                 /* v.addcmul(gavg, gavg, -1) */
+        } else {
+            avg = vi;
+        }
+        if (a->has_bc2) avg = avg / a->bc2;
+        avg = a->eps_in_sqrt ? sqrtf(avg + a->eps) : sqrtf(avg) + a->eps;
+        if (a->has_momentum) {
+            float b = buf[i] * a->momentum;
+            b = b + (1.0f * gi) / avg;                      /* buf.addcdiv_(g, avg) */
+            buf[i] = b;
+            pi = fmaf(b, -a->lr, pi);                       /* p.add_(buf, alpha=-lr) */
+        } else {
+            pi = pi + (-a->lr * gi) / avg;                  /* p.addcdiv_(g, avg, -lr) */
+        }
+        p[i] = pi;
+    }
+}
+
+static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int64_t lo, int64_t hi) {
+    float sp[BLOCK], sg[BLOCK], so[BLOCK];
+    int64_t base = 0;
+    for (int t = 0; t < ntasks && base < hi; t++) {
+        const zsf_task *k = &tasks[t];
+        int64_t s = lo > base ? lo - base : 0, e = hi - base < k->n ? hi - base : k->n;
+        for (int64_t off = s; off < e; off += BLOCK) {
+            int m = (int)(e - off < BLOCK ? e - off : BLOCK);
+            if (a->kind == 0) { /* y, g, z, v, out */
+                load(sp, k->p[0], a->dt_p, off, m);
+                load(sg, k->p[1], a->dt_g, off, m);
+                sf_block(a, sp, sg, (float *)k->p[2] + off, (float *)k->p[3] + off, m);
+                store(k->p[0], sp, a->dt_p, off, m);
+                if (k->p[4]) store(k->p[4], sp, a->dt_out, off, m);
+            } else if (a->kind == 1) { /* p, g, v, buf, gavg, out */
+                load(sp, k->p[0], a->dt_p, off, m);
+                load(sg, k->p[1], a->dt_g, off, m);
+                rms_block(a, sp, sg, (float *)k->p[2] + off,
+                          k->p[3] ? (float *)k->p[3] + off : NULL,
+                          k->p[4] ? (float *)k->p[4] + off : NULL, m);
+                store(k->p[0], sp, a->dt_p, off, m);
+                if (k->p[5]) store(k->p[5], sp, a->dt_out, off, m);
+            } else { /* p, z, out: p.lerp_(z, weight) */
+                load(sp, k->p[0], a->dt_p, off, m);
+                const float *z = (const float *)k->p[1] + off;
+                for (int i = 0; i < m; i++) so[i] = lerp(sp[i], z[i], a->weight);
+                store(k->p[0], so, a->dt_p, off, m);
+                if (k->p[2]) store(k->p[2], so, a->dt_out, off, m);
+            }
+        }
+        base += k->n;
+    }
+}
+
+typedef struct {
+    const zsf_args *a;
+    const zsf_task *tasks;
+    int ntasks;
+    int64_t lo, hi;
+} zsf_job;
+
+static void *run_job(void *arg) {
+    zsf_job *j = (zsf_job *)arg;
+    run_range(j->a, j->tasks, j->ntasks, j->lo, j->hi);
+    return NULL;
+}
+
+/* Entry point: every task's elements, split evenly over nthreads threads
+ * (block-aligned); the calling thread takes the first share. */
+int zsf_run(const zsf_args *a, const zsf_task *tasks, int ntasks, int nthreads) {
+    int64_t total = 0;
+    for (int t = 0; t < ntasks; t++) total += tasks[t].n;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    int64_t blocks = (total + BLOCK - 1) / BLOCK;
+    if (nthreads > blocks) nthreads = (int)blocks;
+    if (nthreads <= 1) {
+        run_range(a, tasks, ntasks, 0, total);
+        return 0;
+    }
+    pthread_t th[MAX_THREADS];
+    zsf_job jobs[MAX_THREADS];
+    int64_t per = (blocks + nthreads - 1) / nthreads * BLOCK;
+    for (int i = 0; i < nthreads; i++) {
+        int64_t lo = per * i, hi = lo + per < total ? lo + per : total;
+        jobs[i] = (zsf_job){a, tasks, ntasks, lo, hi};
+    }
+    for (int i = 1; i < nthreads; i++) {
+        if (jobs[i].lo >= jobs[i].hi) continue;
+        if (pthread_create(&th[i], NULL, run_job, &jobs[i]) != 0) {
+            run_job(&jobs[i]); /* no thread: do it here, and do not join */
+            jobs[i].hi = jobs[i].lo;
+        }
+    }
+    run_job(&jobs[0]);
+    for (int i = 1; i < nthreads; i++)
+        if (jobs[i].lo < jobs[i].hi) pthread_join(th[i], NULL);
+    return 0;
+}
