@@ -1,15 +1,19 @@
-"""Optimizer-step throughput: zero_sf's fused kernel against its torch path,
-schedulefree's foreach step, torch's fused AdamW, and a plain device copy of
-the same bytes (the bandwidth ceiling).
+"""Optimizer-step throughput: zero_sf's fused kernels (Triton on a GPU, the
+fused C backend on a CPU) against its torch path, schedulefree's foreach
+step, torch's fused AdamW, DeepSpeed's CPU Adam and HeavyBall's compiled
+Schedule-Free AdamW (CPU, when installed), and a plain copy of the same
+bytes (the bandwidth ceiling).
 
     python benchmarks/step_throughput.py [--sizes 1e6 4e6 ...] [--out benchmarks/results]
+    python benchmarks/step_throughput.py --load 2    # with 2 busy processes competing
 
-One flat tensor per method (a ZeRO shard).  zero_sf runs the shard layout it
-is built for: bf16 gradient and bf16 output copy of y, fp32 master y, z, v --
-14 B read + 14 B written = 28 B/param.  Peers run their own natural layout:
-schedulefree and AdamW on fp32 params/grads (AdamW: 16 B read + 12 written =
-28 B/param; schedulefree's foreach step makes ~10 passes, ~104 B/param).
-"Bytes" below are each method's minimum traffic; GB/s = bytes x N / time.
+One flat tensor per method (a ZeRO shard).  On a GPU zero_sf runs the shard
+layout it is built for: bf16 gradient and bf16 output copy of y, fp32 master
+y, z, v -- 14 B read + 14 B written = 28 B/param.  On a CPU (ZeRO-Offload's
+step) every method runs fp32 parameters and gradients: zero_sf y, g, z, v
+and AdamW p, g, m, v alike are 16 B read + 12 B written = 28 B/param;
+schedulefree's foreach step makes ~10 passes, ~104 B/param.  "Bytes" below
+are each method's minimum traffic; GB/s = bytes x N / time.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from _common import environment, median_time, write_json  # noqa: E402
 from zero_sf import functional as F  # noqa: E402
 from zero_sf.spec import sf_scalars  # noqa: E402
 
-MIN_BYTES = {"zero_sf_triton": 28, "zero_sf_torch": 28, "schedulefree_foreach": 32,
-             "torch_adamw_fused": 28, "copy": 28}
+MIN_BYTES = {"zero_sf_triton": 28, "zero_sf_cpu": 28, "zero_sf_torch": 28,
+             "schedulefree_foreach": 32, "torch_adamw_fused": 28, "deepspeed_cpu_adam": 28,
+             "heavyball_sfadamw": 28, "copy": 28}
 
 
 def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -> dict:
@@ -41,9 +46,27 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
     for m in methods:
         if m.startswith("zero_sf"):
             y, z, v = rnd(torch.float32), rnd(torch.float32), rnd(torch.float32).abs()
-            grad, y_out = rnd(torch.bfloat16), torch.empty(n, dtype=torch.bfloat16, device=device)
-            backend = "triton" if m == "zero_sf_triton" else "torch"
-            fn = lambda: F.sf_adamw([y], [grad], [z], [v], y_outs=[y_out], backend=backend, **kw)
+            backend = m[len("zero_sf_"):]
+            if device.type == "cuda":  # the ZeRO shard of a bf16 model
+                grad, y_out = rnd(torch.bfloat16), [torch.empty(n, dtype=torch.bfloat16, device=device)]
+            else:  # ZeRO-Offload's CPU step: fp32 everything, as the peers
+                grad, y_out = rnd(torch.float32), None
+            fn = lambda: F.sf_adamw([y], [grad], [z], [v], y_outs=y_out, backend=backend, **kw)
+        elif m == "deepspeed_cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            p = torch.nn.Parameter(rnd(torch.float32))
+            p.grad = rnd(torch.float32)
+            opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.01, adamw_mode=True)
+            fn = opt.step
+        elif m == "heavyball_sfadamw":
+            import heavyball
+            p = torch.nn.Parameter(rnd(torch.float32))
+            opt = heavyball.SFAdamW([p], lr=1e-3, weight_decay=0.01)
+            grad = rnd(torch.float32)
+
+            def fn(p=p, opt=opt, grad=grad):
+                p.grad = grad.clone()
+                opt.step()
         elif m == "schedulefree_foreach":
             import schedulefree
             p = torch.nn.Parameter(rnd(torch.float32))
@@ -87,6 +110,12 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
     return out
 
 
+def _busy():
+    """A process that keeps one core busy until killed."""
+    import subprocess
+    return subprocess.Popen([sys.executable, "-c", "while True: sum(range(10**6))"])
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -102,7 +131,9 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("elements per step (one flat shard)")
     ax.set_ylabel("Gparam/s")
     env = results["env"]
-    ax.set_title(f"optimizer step throughput, {env.get('device_name')}\n"
+    busy = env.get("competing_busy_processes")
+    ax.set_title(f"optimizer step throughput, {env.get('device_name')}"
+                 f"{f' + {busy} busy processes' if busy else ''}\n"
                  f"torch {env['torch']}, triton {env.get('triton')}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -117,6 +148,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--tag", default=None, help="file name tag (default: device type)")
+    ap.add_argument("--load", type=int, default=0,
+                    help="start this many busy processes (a CPU-bound loop each) for the "
+                         "duration: the step's robustness when other work shares the cores")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.sizes:
@@ -126,11 +160,25 @@ def main() -> None:
         # ~64 B/param live across methods at once, keep half the card free
         sizes = [s for s in (2**20, 2**22, 2**24, 2**26, 2**28, 2**30) if s * 64 < free / 2]
     else:
-        sizes = [2**20, 2**22, 2**24]
+        sizes = [2**20, 2**22, 2**24, 2**26]
     methods = ["copy", "zero_sf_torch", "schedulefree_foreach", "torch_adamw_fused"]
     if device.type == "cuda" and F.triton_available():
         methods.insert(1, "zero_sf_triton")
+    if device.type == "cpu":
+        from zero_sf import cpu as zcpu
+        if zcpu.available():
+            methods.insert(1, "zero_sf_cpu")
+        else:
+            print(f"zero_sf_cpu: not measured ({zcpu.unavailable_reason()})")
+        import importlib.util
+        for name, method in (("deepspeed", "deepspeed_cpu_adam"), ("heavyball", "heavyball_sfadamw")):
+            if importlib.util.find_spec(name):
+                methods.append(method)
+            else:
+                print(f"{method}: not measured (pip install {name})")
     env = environment(device)
+    env["competing_busy_processes"] = args.load
+    load = [_busy() for _ in range(args.load)]
     print(f"device: {env.get('device_name')}  torch {env['torch']}  triton {env.get('triton')}")
     if "zero_sf_triton" not in methods:
         print("zero_sf_triton: not measured (needs a CUDA device; the interpreter is not a speed test)")
@@ -149,10 +197,12 @@ def main() -> None:
             print(f"  {m:<22}{x['seconds']*1e3:>10.3f}{x['gparam_per_s']:>10.3f}"
                   f"{x['bytes_per_param']:>8d}{x['gb_per_s']:>9.1f}"
                   f"{(f'{frac:.0%}' if frac else '-'):>9}")
-        mine = "zero_sf_triton" if "zero_sf_triton" in methods else "zero_sf_torch"
+        mine = next(m for m in ("zero_sf_triton", "zero_sf_cpu", "zero_sf_torch") if m in methods)
         sp = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in r[mine].items() if k.startswith("speedup_vs_"))
         print(f"  {mine} speed-up vs {sp}")
-    tag = args.tag or device.type
+    for proc in load:
+        proc.kill()
+    tag = args.tag or (device.type + ("_loaded" if args.load else ""))
     write_json(os.path.join(args.out, f"step_throughput_{tag}.json"), results)
     try:
         plot(results, os.path.join(args.out, f"step_throughput_{tag}.png"))

@@ -74,10 +74,8 @@ static void store(void *dst, const float *src, int dt, int64_t off, int m) {
     }
 }
 
-/* torch's lerp: weight < 0.5 ? self + w*(end-self) : end - (end-self)*(1-w), as fmas */
-static inline float lerp(float self, float end, float w) {
-    return fabsf(w) < 0.5f ? fmaf(w, end - self, self) : fmaf(w - 1.0f, end - self, end);
-}
+/* torch's lerp(self, end, w): |w| < 0.5 ? self + w*(end-self) : end - (end-self)*(1-w),
+ * as its Vectorized code computes it: fma(w or w-1, end - self, self or end). */
 
 /* --------------------------------------------------------------- the rules */
 typedef struct {
@@ -93,55 +91,74 @@ typedef struct {
     float weight;
 } zsf_args;
 
+/* The loops below read every scalar into a local first (so the compiler
+ * knows no store aliases them) and branch outside the loop (one vectorized
+ * loop per variant).  x * 1.0f, x / 1.0f and -(-x) are exact, so "no grad
+ * scale", "no bias correction" and "no maximize" need no variant. */
 static void sf_block(const zsf_args *a, float *restrict y, const float *restrict g,
                      float *restrict z, float *restrict v, int m) {
-    for (int i = 0; i < m; i++) {
-        float gi = a->has_scale ? g[i] * a->scale : g[i];
-        float vi = v[i] * a->beta2;                      /* v.mul_(beta2) */
-        vi = fmaf(a->one_minus_beta2 * gi, gi, vi);      /* .addcmul_(g, g, 1-beta2) */
-        v[i] = vi;
-        float d = a->has_bc2 ? vi / a->bc2 : vi;
-        d = sqrtf(d) + a->eps;
-        float u = gi / d;
-        float yi = y[i];
-        if (a->has_wd) u = fmaf(yi, a->wd, u);            /* u.add_(y, alpha=wd) */
-        yi = lerp(yi, z[i], a->ck);                       /* y.lerp_(z, ck) */
-        yi = fmaf(u, a->y_coef, yi);                      /* y.add_(u, alpha=y_coef) */
-        z[i] = fmaf(u, -a->lr, z[i]);                     /* z.sub_(u, alpha=lr) */
-        y[i] = yi;
+    const float scale = a->scale, beta2 = a->beta2, c = a->one_minus_beta2, bc2 = a->bc2,
+                eps = a->eps, wd = a->wd, ck = a->ck, y_coef = a->y_coef, neg_lr = -a->lr;
+    const float cw = fabsf(ck) < 0.5f ? ck : ck - 1.0f; /* lerp's coefficient and base */
+    const int from_y = fabsf(ck) < 0.5f;
+#define SF_BODY(WD)                                                                   \
+    for (int i = 0; i < m; i++) {                                                     \
+        float gi = g[i] * scale;                                                      \
+        float vi = fmaf(c * gi, gi, v[i] * beta2); /* v.mul_(b2).addcmul_(g,g,1-b2) */ \
+        v[i] = vi;                                                                    \
+        float u = gi / (sqrtf(vi / bc2) + eps);                                       \
+        float yi = y[i], zi = z[i];                                                   \
+        if (WD) u = fmaf(yi, wd, u);          /* u.add_(y, alpha=wd) */               \
+        yi = fmaf(cw, zi - yi, from_y ? yi : zi); /* y.lerp_(z, ck) */                \
+        y[i] = fmaf(u, y_coef, yi);           /* y.add_(u, alpha=y_coef) */           \
+        z[i] = fmaf(u, neg_lr, zi);           /* z.sub_(u, alpha=lr) */               \
     }
+    if (a->has_wd) { SF_BODY(1) } else { SF_BODY(0) }
+#undef SF_BODY
 }
 
 static void rms_block(const zsf_args *a, float *restrict p, const float *restrict g,
                       float *restrict v, float *restrict buf, float *restrict gavg, int m) {
+    const float scale = a->maximize ? -a->scale : a->scale, wd = a->wd, alpha = a->alpha,
+                c = a->one_minus_alpha, bc2 = a->bc2, eps = a->eps, mom = a->momentum,
+                neg_lr = -a->lr;
+    const float cw = fabsf(c) < 0.5f ? c : c - 1.0f;
+    const int from_avg = fabsf(c) < 0.5f;
+    const int wd_on = a->has_wd, centered = a->centered, in_sqrt = a->eps_in_sqrt,
+              momentum = a->has_momentum;
     for (int i = 0; i < m; i++) {
-        float gi = a->has_scale ? g[i] * a->scale : g[i];
-        if (a->maximize) gi = -gi;
+        /* g * scale, then -g for maximize: (g * -scale) is the same bits */
+        float gi = g[i] * scale;
         float pi = p[i];
-        if (a->has_wd) gi = fmaf(pi, a->wd, gi);            /* g.add(p, alpha=wd) */
-        float vi = v[i] * a->alpha;
-        vi = fmaf(a->one_minus_alpha * gi, gi, vi);        /* .addcmul_(g, g, 1-alpha) */
+        if (wd_on) gi = fmaf(pi, wd, gi);                   /* g.add(p, alpha=wd) */
+        float vi = fmaf(c * gi, gi, v[i] * alpha);           /* v.mul_(a).addcmul_(g,g,1-a) */
         v[i] = vi;
-        float avg;
-        if (a->centered) {
-            float ga = lerp(gavg[i], gi, a->one_minus_alpha);
+        float avg = vi;
+        if (centered) {
+            float ga = gavg[i];
+            ga = fmaf(cw, gi - ga, from_avg ? ga : gi);      /* gavg.lerp_(g, 1-alpha) */
             gavg[i] = ga;
             avg = fmaf(-1.0f * ga, ga, vi);                 /* v.addcmul(gavg, gavg, -1) */
-        } else {
-            avg = vi;
         }
-        if (a->has_bc2) avg = avg / a->bc2;
-        avg = a->eps_in_sqrt ? sqrtf(avg + a->eps) : sqrtf(avg) + a->eps;
-        if (a->has_momentum) {
-            float b = buf[i] * a->momentum;
-            b = b + (1.0f * gi) / avg;                      /* buf.addcdiv_(g, avg) */
+        avg = avg / bc2;
+        avg = in_sqrt ? sqrtf(avg + eps) : sqrtf(avg) + eps;
+        if (momentum) {
+            float b = buf[i] * mom;                         /* buf.mul_(momentum) */
+            b = b + gi / avg;                               /* .addcdiv_(g, avg) */
             buf[i] = b;
-            pi = fmaf(b, -a->lr, pi);                       /* p.add_(buf, alpha=-lr) */
+            pi = fmaf(b, neg_lr, pi);                       /* p.add_(buf, alpha=-lr) */
         } else {
-            pi = pi + (-a->lr * gi) / avg;                  /* p.addcdiv_(g, avg, -lr) */
+            pi = pi + (neg_lr * gi) / avg;                  /* p.addcdiv_(g, avg, -lr) */
         }
         p[i] = pi;
     }
+}
+
+/* fp32 operands are used in place; others are widened into scratch. */
+static float *in_place_or_load(float *scratch, void *src, int dt, int64_t off, int m) {
+    if (dt == F32) return (float *)src + off;
+    load(scratch, src, dt, off, m);
+    return scratch;
 }
 
 static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int64_t lo, int64_t hi) {
@@ -153,24 +170,27 @@ static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int6
         for (int64_t off = s; off < e; off += BLOCK) {
             int m = (int)(e - off < BLOCK ? e - off : BLOCK);
             if (a->kind == 0) { /* y, g, z, v, out */
-                load(sp, k->p[0], a->dt_p, off, m);
-                load(sg, k->p[1], a->dt_g, off, m);
-                sf_block(a, sp, sg, (float *)k->p[2] + off, (float *)k->p[3] + off, m);
-                store(k->p[0], sp, a->dt_p, off, m);
-                if (k->p[4]) store(k->p[4], sp, a->dt_out, off, m);
+                float *y = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
+                float *g = in_place_or_load(sg, k->p[1], a->dt_g, off, m);
+                sf_block(a, y, g, (float *)k->p[2] + off, (float *)k->p[3] + off, m);
+                if (a->dt_p != F32) store(k->p[0], y, a->dt_p, off, m);
+                if (k->p[4]) store(k->p[4], y, a->dt_out, off, m);
             } else if (a->kind == 1) { /* p, g, v, buf, gavg, out */
-                load(sp, k->p[0], a->dt_p, off, m);
-                load(sg, k->p[1], a->dt_g, off, m);
-                rms_block(a, sp, sg, (float *)k->p[2] + off,
+                float *p = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
+                float *g = in_place_or_load(sg, k->p[1], a->dt_g, off, m);
+                rms_block(a, p, g, (float *)k->p[2] + off,
                           k->p[3] ? (float *)k->p[3] + off : NULL,
                           k->p[4] ? (float *)k->p[4] + off : NULL, m);
-                store(k->p[0], sp, a->dt_p, off, m);
-                if (k->p[5]) store(k->p[5], sp, a->dt_out, off, m);
+                if (a->dt_p != F32) store(k->p[0], p, a->dt_p, off, m);
+                if (k->p[5]) store(k->p[5], p, a->dt_out, off, m);
             } else { /* p, z, out: p.lerp_(z, weight) */
-                load(sp, k->p[0], a->dt_p, off, m);
+                float *p = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
                 const float *z = (const float *)k->p[1] + off;
-                for (int i = 0; i < m; i++) so[i] = lerp(sp[i], z[i], a->weight);
-                store(k->p[0], so, a->dt_p, off, m);
+                const float w = a->weight, cw = fabsf(w) < 0.5f ? w : w - 1.0f;
+                const int from_p = fabsf(w) < 0.5f;
+                for (int i = 0; i < m; i++) so[i] = fmaf(cw, z[i] - p[i], from_p ? p[i] : z[i]);
+                if (a->dt_p == F32) memcpy(p, so, (size_t)m * 4);
+                else store(k->p[0], so, a->dt_p, off, m);
                 if (k->p[2]) store(k->p[2], so, a->dt_out, off, m);
             }
         }
