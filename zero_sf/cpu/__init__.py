@@ -35,11 +35,7 @@ __all__ = ["available", "library", "sf_adamw", "rmsprop", "sf_interpolate", "eli
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zsf_cpu.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
           "-pthread"]
-if platform.machine().lower() in ("x86_64", "amd64"):
-    # gcc tunes -march=native to 256-bit vectors even where 512-bit ones exist;
-    # the update's divisions and square root run faster in 512-bit (measured:
-    # 4M elements, 2.5 -> 1.8 ms on this project's 2-core EPYC)
-    _FLAGS.append("-mprefer-vector-width=512")
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NONE = 3
 
@@ -172,7 +168,8 @@ def _run(args: _Args, rows: list[tuple]) -> None:
         task.n = n
         for i, t in enumerate(ts):
             task.p[i] = _ptr(t)
-    library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads())
+    if library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads()) != 0:
+        raise MemoryError("zero_sf CPU backend: out of memory for its job descriptor")
 
 
 def _groups(rows, key):

@@ -12,16 +12,19 @@
  * Work: an array of tasks (one per tensor), processed in blocks of BLOCK
  * elements: low-precision inputs are widened into fp32 scratch arrays on
  * the stack, the block is updated in fp32 (loops the compiler vectorizes),
- * low-precision outputs are rounded to nearest even.  Threads split the
- * elements of all tasks evenly (pthreads; no OpenMP runtime to clash with
- * torch's).
+ * low-precision outputs are rounded to nearest even.  Threads claim chunks
+ * of blocks from a shared counter (pthreads; no OpenMP runtime to clash
+ * with torch's).
  *
  * Built at first use by zero_sf/cpu/__init__.py with the system C compiler
  * and cached; loaded with ctypes.  No Python or torch headers.
  */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 1024
@@ -198,47 +201,90 @@ static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int6
     }
 }
 
+/* Threads claim chunks of CLAIM blocks from a shared counter, and the
+ * caller waits only for chunks that were claimed: a helper thread that the
+ * OS schedules late (other processes on the cores) finds no work left and
+ * costs nothing, where a static split would make the caller wait for it.
+ * The job lives on the heap with a reference count, so a late helper never
+ * touches freed memory. */
+#define CLAIM 16 /* the smallest claim; large jobs claim 1/8 of a thread's share */
+
 typedef struct {
-    const zsf_args *a;
-    const zsf_task *tasks;
+    zsf_args a;
+    zsf_task *tasks;
     int ntasks;
-    int64_t lo, hi;
+    int64_t total, nblocks, claim;
+    atomic_llong next, done;
+    atomic_int refs;
 } zsf_job;
 
-static void *run_job(void *arg) {
+static void job_release(zsf_job *j) {
+    if (atomic_fetch_sub(&j->refs, 1) == 1) {
+        free(j->tasks);
+        free(j);
+    }
+}
+
+static void job_work(zsf_job *j) {
+    for (;;) {
+        int64_t b = atomic_fetch_add(&j->next, j->claim);
+        if (b >= j->nblocks) break;
+        int64_t e = b + j->claim < j->nblocks ? b + j->claim : j->nblocks;
+        int64_t hi = e * BLOCK < j->total ? e * BLOCK : j->total;
+        run_range(&j->a, j->tasks, j->ntasks, b * BLOCK, hi);
+        atomic_fetch_add(&j->done, e - b);
+    }
+}
+
+static void *helper(void *arg) {
     zsf_job *j = (zsf_job *)arg;
-    run_range(j->a, j->tasks, j->ntasks, j->lo, j->hi);
+    job_work(j);
+    job_release(j);
     return NULL;
 }
 
-/* Entry point: every task's elements, split evenly over nthreads threads
- * (block-aligned); the calling thread takes the first share. */
+/* Entry point: every task's elements, on up to nthreads threads (the
+ * caller is one of them).  Returns 0, or -1 when out of memory (nothing done). */
 int zsf_run(const zsf_args *a, const zsf_task *tasks, int ntasks, int nthreads) {
     int64_t total = 0;
     for (int t = 0; t < ntasks; t++) total += tasks[t].n;
+    int64_t nblocks = (total + BLOCK - 1) / BLOCK;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    int64_t blocks = (total + BLOCK - 1) / BLOCK;
-    if (nthreads > blocks) nthreads = (int)blocks;
+    if (nthreads > (nblocks + CLAIM - 1) / CLAIM) nthreads = (int)((nblocks + CLAIM - 1) / CLAIM);
     if (nthreads <= 1) {
         run_range(a, tasks, ntasks, 0, total);
         return 0;
     }
-    pthread_t th[MAX_THREADS];
-    zsf_job jobs[MAX_THREADS];
-    int64_t per = (blocks + nthreads - 1) / nthreads * BLOCK;
-    for (int i = 0; i < nthreads; i++) {
-        int64_t lo = per * i, hi = lo + per < total ? lo + per : total;
-        jobs[i] = (zsf_job){a, tasks, ntasks, lo, hi};
+    zsf_job *j = (zsf_job *)malloc(sizeof(zsf_job));
+    zsf_task *copy = (zsf_task *)malloc(sizeof(zsf_task) * (size_t)ntasks);
+    if (!j || !copy) {
+        free(j);
+        free(copy);
+        return -1;
     }
+    memcpy(copy, tasks, sizeof(zsf_task) * (size_t)ntasks);
+    j->a = *a;
+    j->tasks = copy;
+    j->ntasks = ntasks;
+    j->total = total;
+    j->nblocks = nblocks;
+    /* long contiguous runs per claim keep the hardware prefetchers streaming
+     * (16K-element claims: 40 % slower at 16M elements, measured) */
+    j->claim = nblocks / (8 * (int64_t)nthreads) > CLAIM ? nblocks / (8 * (int64_t)nthreads) : CLAIM;
+    atomic_init(&j->next, 0);
+    atomic_init(&j->done, 0);
+    atomic_init(&j->refs, 1);
     for (int i = 1; i < nthreads; i++) {
-        if (jobs[i].lo >= jobs[i].hi) continue;
-        if (pthread_create(&th[i], NULL, run_job, &jobs[i]) != 0) {
-            run_job(&jobs[i]); /* no thread: do it here, and do not join */
-            jobs[i].hi = jobs[i].lo;
+        pthread_t th;
+        atomic_fetch_add(&j->refs, 1);
+        if (pthread_create(&th, NULL, helper, j) != 0) {
+            atomic_fetch_sub(&j->refs, 1); /* no thread: the caller does its share */
+            break;
         }
+        pthread_detach(th);
     }
-    run_job(&jobs[0]);
-    for (int i = 1; i < nthreads; i++)
-        if (jobs[i].lo < jobs[i].hi) pthread_join(th[i], NULL);
+    job_work(j);
+    while (atomic_load(&j->done) < nblocks) sched_yield(); /* claimed chunks finishing */
+    job_release(j);
     return 0;
 }
