@@ -53,7 +53,10 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
                 grad, y_out = rnd(torch.bfloat16), [torch.empty(n, dtype=torch.bfloat16, device=device)]
             else:  # ZeRO-Offload's CPU step: fp32 everything, as the peers
                 grad, y_out = rnd(torch.float32), None
-            fn = lambda: F.sf_adamw([y], [grad], [z], [v], y_outs=y_out, backend=backend, **kw)
+            # default arguments: bind this method's tensors now (the lambdas run later,
+            # round robin, after the loop has rebound the names)
+            fn = lambda y=y, grad=grad, z=z, v=v, y_out=y_out, backend=backend: F.sf_adamw(
+                [y], [grad], [z], [v], y_outs=y_out, backend=backend, **kw)
         elif m == "deepspeed_cpu_adam":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             p = torch.nn.Parameter(rnd(torch.float32))
@@ -87,7 +90,7 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
         elif m == "copy":
             src = torch.empty(n * 14, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
-            fn = lambda: dst.copy_(src)
+            fn = lambda src=src, dst=dst: dst.copy_(src)
         else:
             raise ValueError(m)
         fns[m] = fn
