@@ -188,6 +188,39 @@ def _refusals(rank, world_size):
     assert type(engine.optimizer.optimizer) is zero_sf.ScheduleFreeAdamW
 
 
+def _offload(rank, world_size):
+    """ZeRO-Offload (offload_optimizer to the CPU, pinned or not) with our
+    optimizers from the config and as client optimizers: the same numbers
+    as a single process, eval/train reaching the model."""
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    for stage in (1, 2):
+        for pin in (False, True):
+            for via_config in (True, False):
+                cfg = _config(stage, False, 0.0, via_config=via_config)
+                cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+                client = None if via_config else functools.partial(zero_sf.ScheduleFreeAdamW, **SF_KW)
+                model = Targets()
+                engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(),
+                                            config=cfg, optimizer=client)
+                assert engine.zero_cpu_offload()
+                zsd.train(engine)
+                _train(engine, rank, world_size, range(5))
+                ref, master = _reference("sf", [(range(5), world_size)], 0.0)
+                _assert_params(engine, master, False)
+                zsd.eval(engine), ref.eval()
+                _assert_params(engine, master, False)
+    cfg = _config(2, False, 0.0)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    cfg["zero_force_ds_cpu_optimizer"] = True
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer is true"):
+        zsd.check_config(cfg)
+
+
+def test_zero_offload_matches_single_process():
+    spawn(_offload, 2)
+
+
 def test_refused_configurations_raise_clear_errors():
     spawn(_refusals, 2)
 

@@ -106,6 +106,20 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
     if zero.get("round_robin_gradients"):
         raise ValueError("zero_optimization.round_robin_gradients=true is not supported with "
                          "zero_sf optimizers (its layout depends on the world size)")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none", "cpu"):
+        raise ValueError(f"zero_optimization.offload_optimizer.device={offload!r} is not "
+                         "supported with zero_sf optimizers; use 'cpu' or 'none'")
+    if offload == "cpu":
+        # DeepSpeed refuses client optimizers under ZeRO-Offload unless told
+        # otherwise, because plain torch optimizers are slow on the CPU; ours
+        # run the fused CPU backend there (benchmarks/step_throughput.py).
+        if cfg.get("zero_force_ds_cpu_optimizer") is True:
+            raise ValueError(
+                "zero_force_ds_cpu_optimizer is true, which makes DeepSpeed replace or refuse "
+                "any optimizer but its own CPU Adam under offload_optimizer; remove the entry "
+                "(zero_sf sets it to false for its optimizers)")
+        cfg["zero_force_ds_cpu_optimizer"] = False
     if stage >= 1:
         if cfg.get("zero_allow_untested_optimizer") is False:
             raise ValueError(
