@@ -373,7 +373,9 @@ def _write(model: nn.Module, optimizer: ZeroOptimizer, meta, fresh, plan, reads)
         pieces[(index, start)][key][d0:d0 + n].copy_(source[s0:s0 + n])
     optimizer.load_scalar_state(meta["scalars"])
     # Every rank wrote y for the elements it owns: all-gather, so the model
-    # holds y rounded to its dtype (a fp32 model loading a bf16 run's master).
+    # holds y rounded to its dtype (a fp32 model loading a bf16 run's master;
+    # an offloaded master lives on the host, so it is copied over first).
+    optimizer.weights.master_to_model()
     optimizer.weights.gather(optimizer.process_group)
 
 

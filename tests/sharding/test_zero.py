@@ -298,3 +298,51 @@ def _misuse(rank, world_size):
 
 def test_misuse_raises_clear_errors_before_any_change():
     spawn(_misuse, 2)
+
+
+# ---------------------------------------------------------------- offload
+def _offload(rank, world_size, root):
+    """offload="cpu" (host master, z, v; the CPU update; host staging) gives
+    the non-offloaded optimizer's numbers bit for bit: steps with clipping,
+    an eval/train round trip, a weight the user wrote, both rules, fp32 and
+    bf16 models, both stages; its checkpoint loads into either."""
+    for stage in (1, 2):
+        for dtype in (torch.float32, torch.bfloat16):
+            for cls, kw in ((zero_sf.ScheduleFreeAdamW, SF_KW), (zero_sf.RMSProp, RMS_KW)):
+                models, opts = [], []
+                for offload in (None, "cpu"):
+                    model = _model(dtype)
+                    opt = zero_sf.ZeroOptimizer(model.parameters(), cls, stage=stage, max_norm=0.5,
+                                                offload=offload, **LAYOUT, **kw)
+                    if hasattr(opt, "train"):
+                        opt.train()
+                    models.append(model), opts.append(opt)
+                assert opts[1].weights.master[0].device.type == "cpu"
+                for step in range(6):
+                    for model, opt in zip(models, opts):
+                        if step == 3:
+                            with torch.no_grad():
+                                model[0].mul_(0.5)  # a user write reaches both masters
+                            if hasattr(opt, "eval"):
+                                opt.eval(), opt.train()
+                        for p, t in zip(model, _targets(step, world_size)[rank]):
+                            (p * t.to(p.dtype)).sum().backward()
+                        opt.step()
+                for a, b in zip(*models):
+                    assert torch.equal(a, b)
+                sa, sb = (o.consolidated_state_dict()["state"] for o in opts)
+                for i in sa:
+                    for k, v in sa[i].items():
+                        assert torch.equal(v, sb[i][k]), (i, k)
+                if stage == 2 and cls is zero_sf.ScheduleFreeAdamW:
+                    path = os.path.join(root, str(dtype))
+                    zero_sf.save(path, models[1], opts[1])
+                    fresh = _model(dtype)
+                    plain = zero_sf.ZeroOptimizer(fresh.parameters(), cls, stage=1, **LAYOUT, **kw)
+                    zero_sf.load(path, fresh, plain)
+                    for a, b in zip(fresh, models[1]):
+                        assert torch.equal(a, b)
+
+
+def test_offload_cpu_equals_no_offload(tmp_path):
+    spawn(_offload, 2, str(tmp_path))

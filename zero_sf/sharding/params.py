@@ -40,7 +40,9 @@ class FlatParams:
     """Flat parameter buffers, this rank's chunks of them, and fp32 masters."""
 
     def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
-                 process_group, device: torch.device) -> None:
+                 process_group, device: torch.device, *, offload: bool = False) -> None:
+        """``offload``: every buffer gets a fp32 master in host memory (fp32
+        models too), which the CPU update reads and writes."""
         self.params = params
         self.buffers = buffers
         self.rank = rank
@@ -62,8 +64,11 @@ class FlatParams:
                         self.slot_of[slot.index] = (bi, bk, slot.offset, slot.numel)
                 comm.broadcast_from_first(flat, process_group)  # as DDP does at start
                 self.flat.append(flat)
-                if state_dtype_for(flat) != flat.dtype:
+                if state_dtype_for(flat) != flat.dtype or offload:
                     master = torch.cat([c.float() for c in self.param_chunks(bi)])
+                    if offload:
+                        from .offload import host_empty
+                        master = host_empty(master).copy_(master)
                     self.master.append(master)
                     self.y_chunks.append(self.split_shard(bi, master))
                 else:
@@ -135,8 +140,8 @@ class FlatParams:
             if self.master[bi] is None or own is None:
                 continue  # fp32 models: the flat buffer *is* y
             bk, lo, hi = own
-            model = self.param_chunks(bi)[bk][lo:hi]
             master = self.y_chunks[bi][bk][lo:hi]
+            model = self.param_chunks(bi)[bk][lo:hi].to(master.device)  # offload: to the host
             # Elements the user did not touch still round to the model's
             # value: keep their fp32 bits; take the model's value elsewhere.
             touched = model != master.to(model.dtype)
@@ -144,6 +149,15 @@ class FlatParams:
         if changed:
             self.mark_synced()
         return changed
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        """This rank's chunks of the model := its master chunks, rounded to
+        the model's dtype (after a checkpoint wrote the masters)."""
+        for bi, master in enumerate(self.master):
+            if master is not None:
+                for y, p in zip(self.y_chunks[bi], self.param_chunks(bi)):
+                    p.copy_(y)
 
     # -------------------------------------------------------------- gather
     @torch.no_grad()

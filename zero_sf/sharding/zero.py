@@ -70,6 +70,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         align: each rank's chunk of a bucket is a multiple of this many elements.
         max_norm: if set, gradients are clipped to this global 2-norm in every
             step (or call :meth:`clip_grad_norm_` yourself before ``step()``).
+        offload: ``"cpu"`` keeps this rank's fp32 master, ``z`` and
+            ``exp_avg_sq`` in (pinned) host memory and runs the update on the
+            CPU with the fused CPU backend (ZeRO-Offload); the gradient shard
+            goes to the host before the update and ``y`` back before the
+            all-gather.  Same numbers as without offload.
         **defaults: the inner optimizer's hyperparameters.
 
     Gradients are consumed by ``step()``: accumulate over any number of
@@ -83,9 +88,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer_class: type = ScheduleFreeAdamW, *,
                  stage: int = 2, process_group=None, bucket_numel: int = 1 << 24,
-                 align: int = 128, max_norm: Optional[float] = None, **defaults) -> None:
+                 align: int = 128, max_norm: Optional[float] = None,
+                 offload: Optional[str] = None, **defaults) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
+        if offload not in (None, "none", "cpu"):
+            raise ValueError(f"Invalid offload value: {offload!r} (expected None or 'cpu')")
         if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"Invalid max_norm value: {max_norm!r} (expected a positive float)")
         _check_process_group(process_group)
@@ -111,10 +119,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
             [[(self._index[id(p)], p.numel(), p.dtype) for p in g["params"] if p.requires_grad]
              for g in self.param_groups],
             world_size=self.world_size, bucket_numel=bucket_numel, align=align)
-        self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device)
+        self.offload = offload == "cpu"
+        self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
+                                  offload=self.offload)
         grads_cls = ShardedGrads if stage == 2 else FullGrads
         self.grads = grads_cls(self._params, self.buffers, self.rank, process_group, self.device,
                                self._missing_grad_error)
+        self.staging = None
+        if self.offload:
+            from .offload import HostStaging
+            self.staging = HostStaging(self.grads.chunks, [self.weights.param_chunks(bi)
+                                                           for bi in range(len(self.buffers))])
         inner_groups = []
         for gi, group in enumerate(self.param_groups):
             chunks = [c for bi, buf in enumerate(self.buffers) if buf.group == gi
@@ -123,8 +138,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.inner = optimizer_class(inner_groups, **defaults)
         for bi in range(len(self.buffers)):
             low = self.weights.master[bi] is not None  # bf16 copy written by the kernel
-            for y, g, out in zip(self.weights.y_chunks[bi], self.grads.chunks[bi],
-                                 self.weights.param_chunks(bi)):
+            grads, outs = self.grads.chunks[bi], self.weights.param_chunks(bi)
+            if self.staging is not None:  # the CPU update reads and writes host buffers
+                grads, outs = self.staging.grads[bi], self.staging.outs[bi]
+            for y, g, out in zip(self.weights.y_chunks[bi], grads, outs):
                 self.inner.bind(y, grad=g, out=out if low else None)
 
     # ------------------------------------------------------------------ setup
@@ -283,7 +300,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
         else:
             grad_scale = (self._clip_coef or 1.0) / self.world_size
+            if self.staging is not None:
+                self.staging.grads_to_host()
             self.inner.step(grad_scale=grad_scale)
+            if self.staging is not None:
+                self.staging.outs_to_device()
             self.weights.gather(self.process_group)
             self._sync_hyper_out()
         self._user_changed.clear()
@@ -303,6 +324,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.adopt_model_writes()
         self._sync_hyper_in()
         fn()
+        if self.staging is not None:
+            self.staging.outs_to_device()
         self.weights.gather(self.process_group)
         self._sync_hyper_out()
 
@@ -391,8 +414,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
                 for key in keys:
                     chunk = self.inner.state[y][key]
-                    whole = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
-                    comm.all_gather(whole, chunk.contiguous(), self.process_group)
+                    # (offloaded state is on the host: gathered through the comm device)
+                    whole = torch.empty(b.numel, dtype=chunk.dtype, device=self.device)
+                    comm.all_gather(whole, chunk.contiguous().to(self.device), self.process_group)
                     for slot in b.slots:
                         p = self._params[slot.index]
                         part = whole[slot.offset - b.start:slot.offset - b.start + slot.numel]
