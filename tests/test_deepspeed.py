@@ -188,7 +188,7 @@ def _refusals(rank, world_size):
     assert type(engine.optimizer.optimizer) is zero_sf.ScheduleFreeAdamW
 
 
-def _offload(rank, world_size):
+def _offload(rank, world_size, root):
     """ZeRO-Offload (offload_optimizer to the CPU, pinned or not) with our
     optimizers from the config and as client optimizers: the same numbers
     as a single process, eval/train reaching the model."""
@@ -212,13 +212,30 @@ def _offload(rank, world_size):
                 _assert_params(engine, master, False)
     cfg = _config(2, False, 0.0)
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+
+    def offloaded():
+        model = Targets()
+        engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        zsd.train(engine)
+        return engine
+
+    # zsd.load_checkpoint under offload: the host partitions and state load
+    engine = offloaded()
+    _train(engine, rank, world_size, range(3))
+    engine.save_checkpoint(os.path.join(root, "offload"))
+    engine = offloaded()
+    zsd.load_checkpoint(engine, os.path.join(root, "offload"))
+    assert engine.global_steps == 3
+    _assert_partition(engine, rank, *_reference("sf", [(range(3), world_size)], 0.0))
+    _train(engine, rank, world_size, range(3, 6))
+    _assert_params(engine, _reference("sf", [(range(6), world_size)], 0.0)[1], False)
     cfg["zero_force_ds_cpu_optimizer"] = True
     with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer is true"):
         zsd.check_config(cfg)
 
 
-def test_zero_offload_matches_single_process():
-    spawn(_offload, 2)
+def test_zero_offload_matches_single_process_and_resumes(tmp_path):
+    spawn(_offload, 2, str(tmp_path))
 
 
 def test_refused_configurations_raise_clear_errors():

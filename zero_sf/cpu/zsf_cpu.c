@@ -96,27 +96,33 @@ typedef struct {
 
 /* The loops below read every scalar into a local first (so the compiler
  * knows no store aliases them) and branch outside the loop (one vectorized
- * loop per variant).  x * 1.0f, x / 1.0f and -(-x) are exact, so "no grad
- * scale", "no bias correction" and "no maximize" need no variant. */
+ * loop per variant).  x * 1.0f and -(-x) are exact, so "no grad scale"
+ * and "no maximize" need no variant; "no bias correction" (x / 1.0f, also
+ * exact) gets one because it saves a division per element. */
 static void sf_block(const zsf_args *a, float *restrict y, const float *restrict g,
                      float *restrict z, float *restrict v, int m) {
     const float scale = a->scale, beta2 = a->beta2, c = a->one_minus_beta2, bc2 = a->bc2,
                 eps = a->eps, wd = a->wd, ck = a->ck, y_coef = a->y_coef, neg_lr = -a->lr;
     const float cw = fabsf(ck) < 0.5f ? ck : ck - 1.0f; /* lerp's coefficient and base */
     const int from_y = fabsf(ck) < 0.5f;
-#define SF_BODY(WD)                                                                   \
+#define SF_BODY(WD, BC)                                                               \
     for (int i = 0; i < m; i++) {                                                     \
         float gi = g[i] * scale;                                                      \
         float vi = fmaf(c * gi, gi, v[i] * beta2); /* v.mul_(b2).addcmul_(g,g,1-b2) */ \
         v[i] = vi;                                                                    \
-        float u = gi / (sqrtf(vi / bc2) + eps);                                       \
+        float u = gi / (sqrtf(BC ? vi / bc2 : vi) + eps); /* x / 1 == x: skipped */   \
         float yi = y[i], zi = z[i];                                                   \
         if (WD) u = fmaf(yi, wd, u);          /* u.add_(y, alpha=wd) */               \
         yi = fmaf(cw, zi - yi, from_y ? yi : zi); /* y.lerp_(z, ck) */                \
         y[i] = fmaf(u, y_coef, yi);           /* y.add_(u, alpha=y_coef) */           \
         z[i] = fmaf(u, neg_lr, zi);           /* z.sub_(u, alpha=lr) */               \
     }
-    if (a->has_wd) { SF_BODY(1) } else { SF_BODY(0) }
+    /* bias_correction2 == 1.0 exactly after ~37K steps of beta2 = 0.999 */
+    if (a->has_wd) {
+        if (a->has_bc2) { SF_BODY(1, 1) } else { SF_BODY(1, 0) }
+    } else {
+        if (a->has_bc2) { SF_BODY(0, 1) } else { SF_BODY(0, 0) }
+    }
 #undef SF_BODY
 }
 
@@ -128,7 +134,7 @@ static void rms_block(const zsf_args *a, float *restrict p, const float *restric
     const float cw = fabsf(c) < 0.5f ? c : c - 1.0f;
     const int from_avg = fabsf(c) < 0.5f;
     const int wd_on = a->has_wd, centered = a->centered, in_sqrt = a->eps_in_sqrt,
-              momentum = a->has_momentum;
+              momentum = a->has_momentum, has_bc2 = a->has_bc2;
     for (int i = 0; i < m; i++) {
         /* g * scale, then -g for maximize: (g * -scale) is the same bits */
         float gi = g[i] * scale;
@@ -143,7 +149,7 @@ static void rms_block(const zsf_args *a, float *restrict p, const float *restric
             gavg[i] = ga;
             avg = fmaf(-1.0f * ga, ga, vi);                 /* v.addcmul(gavg, gavg, -1) */
         }
-        avg = avg / bc2;
+        if (has_bc2) avg = avg / bc2;
         avg = in_sqrt ? sqrtf(avg + eps) : sqrtf(avg) + eps;
         if (momentum) {
             float b = buf[i] * mom;                         /* buf.mul_(momentum) */
