@@ -72,14 +72,19 @@ def _clone(ts):
 SF_SCALARS = [dict(lr=1e-2, ck=0.2, y_coef=-8e-3, beta2=0.999, bias_correction2=0.3, eps=1e-8,
                    weight_decay=0.1, grad_scale=0.5),
               dict(lr=3e-3, ck=1.0, y_coef=-3e-3, beta2=0.95, bias_correction2=1.0, eps=1e-6,
-                   weight_decay=0.0, grad_scale=1.0)]
+                   weight_decay=0.0, grad_scale=1.0),
+              # the other two loop variants: decay without bias correction and back
+              dict(lr=1e-2, ck=0.6, y_coef=-4e-3, beta2=0.999, bias_correction2=1.0, eps=1e-8,
+                   weight_decay=0.1, grad_scale=1.0),
+              dict(lr=1e-2, ck=0.0, y_coef=-1e-2, beta2=0.99, bias_correction2=0.02, eps=1e-8,
+                   weight_decay=0.0, grad_scale=2.0)]
 SF_DTYPES = [(torch.float32, torch.float32, None), (torch.float32, torch.bfloat16, torch.bfloat16),
              (torch.float32, torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16, None),
              (torch.float16, torch.float16, None), (torch.float32, torch.float32, torch.float32)]
 
 
 @pytest.mark.parametrize("dtypes", SF_DTYPES, ids=str)
-@pytest.mark.parametrize("scalars", [0, 1])
+@pytest.mark.parametrize("scalars", [0, 1, 2, 3])
 @pytest.mark.parametrize("exact", [True, False], ids=["exact-sqrt", "torch-sqrt"])
 def test_sf_adamw_matches_the_spec(dtypes, scalars, exact):
     ts = _sf_case(SIZES, *dtypes)
