@@ -3,7 +3,8 @@
 One pass over memory per step for all three rules (Schedule-Free AdamW,
 RMSProp with every flag, the y<->x interpolation), low-precision parameters,
 gradients and output copies included, threaded: ``zsf_cpu.c``, built at
-first use with the system C compiler (``$CC``, else ``cc``; ~1 s), cached in
+first use with the system C compiler (``$CC``, else ``cc``; 0.35 s with gcc
+12 on this project's machine, 2 ms to load once cached), cached in
 ``$ZERO_SF_CACHE`` (default ``~/.cache/zero_sf``) under a hash of the
 source, the compiler and this CPU's flags, and loaded with ctypes.  Without
 a compiler the torch path runs, after one warning.
