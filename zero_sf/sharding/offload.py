@@ -37,29 +37,24 @@ class HostStaging:
         self.outs = [[host_empty(p) for p in chunks] for chunks in param_chunks]
 
     @staticmethod
-    def _wait(tensors) -> None:
-        if any(t.is_cuda for t in tensors):
+    @torch.no_grad()
+    def _copy(dst_lists: list[list[Tensor]], src_lists: list[list[Tensor]]) -> None:
+        """Issue every copy non-blocking, then wait once (on CUDA)."""
+        cuda = False
+        for dsts, srcs in zip(dst_lists, src_lists):
+            for dst, src in zip(dsts, srcs):
+                dst.copy_(src, non_blocking=True)
+                cuda = cuda or dst.is_cuda or src.is_cuda
+        if cuda:
             torch.cuda.current_stream().synchronize()
 
-    @torch.no_grad()
     def grads_to_host(self) -> None:
         """This rank's (reduced) gradient chunks into host memory."""
-        srcs = []
-        for dst_chunks, src_chunks in zip(self.grads, self.device_grads):
-            for dst, src in zip(dst_chunks, src_chunks):
-                dst.copy_(src, non_blocking=True)
-                srcs.append(src)
-        self._wait(srcs)
+        self._copy(self.grads, self.device_grads)
 
-    @torch.no_grad()
     def outs_to_device(self) -> None:
         """The updated y (model dtype) into this rank's chunks of the model."""
-        dsts = []
-        for src_chunks, dst_chunks in zip(self.outs, self.device_params):
-            for src, dst in zip(src_chunks, dst_chunks):
-                dst.copy_(src, non_blocking=True)
-                dsts.append(dst)
-        self._wait(dsts)
+        self._copy(self.device_params, self.outs)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for chunks in self.grads + self.outs for t in chunks)
