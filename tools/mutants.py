@@ -55,6 +55,16 @@ MUTANTS = [
     ("kernel launch: unaligned tensors sent down the unmasked path", "zero_sf/kernels/launch.py",
      "full = aligned[t] and start + BLOCK <= n", "full = start + BLOCK <= n",
      ["tests/kernels/test_triton_kernels.py"]),
+    # -- the fused CPU backend: bit for bit against the spec
+    ("cpu: the second moment's addcmul not fused as torch fuses it", "zero_sf/cpu/zsf_cpu.c",
+     "float vi = fmaf(c * gi, gi, v[i] * beta2);", "float vi = v[i] * beta2 + c * gi * gi;",
+     ["tests/cpu"]),
+    ("cpu: a helper thread's claimed chunk not waited for", "zero_sf/cpu/zsf_cpu.c",
+     "while (atomic_load(&j->done) < nblocks) sched_yield();", "(void)0;",
+     ["tests/cpu", "tests/sharding/test_zero.py::test_offload_cpu_equals_no_offload"]),
+    ("offload: the gradient shard never reaches the host", "zero_sf/sharding/zero.py",
+     "                self.staging.grads_to_host()\n", "                pass\n",
+     ["tests/sharding/test_zero.py::test_offload_cpu_equals_no_offload"]),
     # -- the optimizers' bookkeeping
     ("RMSProp: the first parameter's step count for the whole group", "zero_sf/optim/rmsprop.py",
      'by_step.setdefault(int(self.state[p]["step"]), []).append(p)',

@@ -218,3 +218,23 @@ def test_without_a_compiler_one_warning_then_the_torch_path(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torch", "torch", "1"]
+
+
+def test_the_call_returns_only_when_every_thread_is_done():
+    """Read the result the moment the call returns, many times: the chunks
+    the helper threads claimed must be finished by then."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        n = 1 << 21
+        z = torch.zeros(n)
+        # the last element of every 1/64 of the tensor (finer than any claim):
+        # each claim is written front to back, so its end is written last
+        ends = torch.arange(1, 65) * (n // 64) - 1
+        for _ in range(50):
+            p = torch.ones(n)
+            F.sf_interpolate([p], [z], weight=0.25, backend="cpu")
+            assert bool((p[ends] == 0.75).all())  # one gather, at once
+            assert p.max().item() == p.min().item() == 0.75
+    finally:
+        torch.set_num_threads(threads)
