@@ -35,7 +35,7 @@ __all__ = ["available", "library", "sf_adamw", "rmsprop", "sf_interpolate", "eli
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zsf_cpu.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-          "-pthread"]
+          "-fopenmp"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NONE = 3
@@ -169,8 +169,7 @@ def _run(args: _Args, rows: list[tuple]) -> None:
         task.n = n
         for i, t in enumerate(ts):
             task.p[i] = _ptr(t)
-    if library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads()) != 0:
-        raise MemoryError("zero_sf CPU backend: out of memory for its job descriptor")
+    library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads())
 
 
 def _groups(rows, key):
