@@ -309,11 +309,13 @@ def _fp16_config(stage):
     return cfg
 
 
-def _fp16_engine(stage):
+def _fp16_engine(stage, offload=False):
     import zero_sf.deepspeed as zsd
     model = Targets()
-    engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(),
-                                config=_fp16_config(stage))
+    cfg = _fp16_config(stage)
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     zsd.train(engine)
     return engine
 
@@ -325,14 +327,16 @@ def _loss_scale_resume(rank, world_size, root):
     # run fp16 fine, and the loss-scale bookkeeping under test is host code.
     from deepspeed.accelerator import get_accelerator
     type(get_accelerator()).is_fp16_supported = lambda self: True
-    for stage in (1, 2):
-        engine = _fp16_engine(stage)
+    for stage, offload in ((1, False), (2, False), (2, True)):  # offload: ZeRO-Offload alike
+        engine = _fp16_engine(stage, offload)
         _train(engine, rank, world_size, range(4))
         scale = engine.optimizer.loss_scaler.cur_scale
         assert scale < 2**30 and engine.skipped_steps > 0
-        path = os.path.join(root, str(stage))
+        # an overflow step is skipped whole: Schedule-Free's k counts only real steps
+        assert zsd._basic_optimizer(engine).param_groups[0]["k"] == 4 - engine.skipped_steps
+        path = os.path.join(root, f"{stage}{offload}")
         engine.save_checkpoint(path)
-        fresh = _fp16_engine(stage)
+        fresh = _fp16_engine(stage, offload)
         zsd.load_checkpoint(fresh, path)
         assert fresh.optimizer.loss_scaler.cur_scale == scale, (stage, fresh.optimizer.loss_scaler.cur_scale, scale)
         assert fresh.skipped_steps == engine.skipped_steps

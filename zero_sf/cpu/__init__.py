@@ -2,7 +2,8 @@
 
 One pass over memory per step for all three rules (Schedule-Free AdamW,
 RMSProp with every flag, the y<->x interpolation), low-precision parameters,
-gradients and output copies included, threaded: ``zsf_cpu.c``, built at
+gradients and output copies included, threaded with torch's own OpenMP
+runtime: ``zsf_cpu.c``, built at
 first use with the system C compiler (``$CC``, else ``cc``; 0.35 s with gcc
 12 on this project's machine, 2 ms to load once cached), cached in
 ``$ZERO_SF_CACHE`` (default ``~/.cache/zero_sf``) under a hash of the
@@ -116,7 +117,7 @@ def library() -> Optional[ctypes.CDLL]:
         if _lib is None and _failed is None:
             if os.environ.get("ZERO_SF_CPU_BACKEND", "1") == "0":
                 _failed = "ZERO_SF_CPU_BACKEND=0"
-            elif not sys.platform.startswith("linux") and not sys.platform == "darwin":
+            elif not sys.platform.startswith("linux"):
                 _failed = f"not built on {sys.platform}"
             else:
                 try:
