@@ -346,3 +346,17 @@ def _offload(rank, world_size, root):
 
 def test_offload_cpu_equals_no_offload(tmp_path):
     spawn(_offload, 2, str(tmp_path))
+
+
+def test_a_backward_before_construction_is_named_in_the_error():
+    """Gradients from before the optimizer existed are not silently used or
+    lost: the step refuses, says why, and changes nothing."""
+    model = _model(torch.float32)
+    for p in model:
+        (p * 2).sum().backward()
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    before = [p.detach().clone() for p in model]
+    with pytest.raises(RuntimeError, match="run backward after building it"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model))

@@ -202,7 +202,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return RuntimeError(
             f"ZeroOptimizer: parameter {labels} requires grad but received no gradient "
             "before step(); every rank must produce a gradient for every parameter "
-            "(set requires_grad=False on unused ones, or leave them out of the optimizer)")
+            "(set requires_grad=False on unused ones, or leave them out of the optimizer). "
+            "Gradients of a backward pass run before the optimizer was built are not "
+            "seen: run backward after building it")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard every gradient accumulated since the last step."""
