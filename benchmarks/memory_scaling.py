@@ -6,8 +6,10 @@ For each system and world size it spawns that many ranks (CPU processes over
 gloo here; one GPU each when CUDA is present), builds the same GPT, runs two
 training steps, and records on every rank the bytes actually held by
 tensors -- optimizer state (z, v / m, v), fp32 master weights, parameters,
-gradients -- and the process's peak memory (RSS on CPU, max_memory_allocated
-on GPU).  Writes JSON and a PNG (optimizer bytes/param vs world size with the
+gradients -- the resident memory the optimizer system added after the model
+existed (CPU: /proc/self/statm after gc and malloc_trim, code paths warmed up
+first), and the process's peak memory (RSS on CPU, max_memory_allocated on
+GPU).  Writes JSON and a PNG (optimizer bytes/param vs world size with the
 ideal 1/N lines) and prints a table.
 """
 
@@ -46,6 +48,43 @@ def _state_bytes(opt) -> int:
     return nbytes(v for s in opt.state.values() for v in s.values())
 
 
+def _rss() -> int:
+    """Resident bytes after gc and malloc_trim(0), so freed temporaries do
+    not count (Linux; 0 elsewhere)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _warm_up(system, device):
+    """Run the code paths once on a tiny model: the first torch optimizer of a
+    process imports ~150 MB of modules (measured: +8.9 B/param at 16.8M
+    parameters for an AdamW with no state yet), which is not memory per
+    parameter.  The resident-memory figure starts after this."""
+    tiny = torch.nn.Linear(4, 4).to(device)
+    opts = [torch.optim.AdamW(tiny.parameters())]
+    if "zero_sf" in system:
+        import zero_sf
+        opts.append(zero_sf.ScheduleFreeAdamW(tiny.parameters()))
+        opts[-1].train()
+    if "schedulefree" in system:
+        import schedulefree
+        opts.append(schedulefree.AdamWScheduleFree(tiny.parameters()))
+        opts[-1].train()
+    if system.startswith("deepspeed"):
+        import deepspeed  # noqa: F401
+    for o in opts:
+        tiny(torch.randn(2, 4, device=device)).sum().backward()
+        o.step()
+        o.zero_grad()
+
+
 def _worker(rank, world, system, n_params, out_dir):
     from gpt import batch, corpus, sized
     device = torch.device(f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
@@ -53,8 +92,10 @@ def _worker(rank, world, system, n_params, out_dir):
         torch.cuda.set_device(device)
     # FSDP2 mixed precision keeps fp32 parameters and computes in bf16.
     dtype = torch.bfloat16 if system.endswith("bf16") and not system.startswith("fsdp2") else torch.float32
+    _warm_up(system, device)
     torch.manual_seed(0)
     model = sized(n_params, seq=64).to(device=device, dtype=dtype)
+    rss_base = _rss()  # the model's parameters exist; the optimizer system is what follows
     n = sum(p.numel() for p in model.parameters())
     params = list(model.parameters())
     master = grads = state = None
@@ -128,9 +169,14 @@ def _worker(rank, world, system, n_params, out_dir):
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # From outside: what the optimizer system added to the resident memory
+    # since the model existed (its gradients, state, master, buffers and
+    # anything else it keeps), next to what the tensors above account for.
+    rss_added = _rss() - rss_base if device.type == "cpu" else None
     rec = {"rank": rank, "world_size": world, "system": system, "n_params": n,
            "optimizer_state_bytes": state, "master_bytes": master, "param_bytes": pbytes,
-           "grad_bytes": grads, "peak_bytes": peak, "peak_kind": "max_memory_allocated" if device.type == "cuda" else "rss"}
+           "grad_bytes": grads, "peak_bytes": peak, "peak_kind": "max_memory_allocated" if device.type == "cuda" else "rss",
+           "rss_added_bytes": rss_added}
     with open(os.path.join(out_dir, f"{system}_{world}_{rank}.json"), "w") as f:
         json.dump(rec, f)
 
@@ -178,6 +224,11 @@ def main():
     ap.add_argument("--systems", nargs="*", default=SYSTEMS)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--plot-only", default=None, help="re-plot a JSON written earlier")
+    ap.add_argument("--tag", default=None, help="file name tag (default: the device kind)")
+    ap.add_argument("--malloc-arena-max", type=int, default=None,
+                    help="set MALLOC_ARENA_MAX for the ranks: glibc keeps memory that other "
+                         "threads (gloo's) freed in per-thread arenas, which malloc_trim does "
+                         "not return; 1 shows the memory the tensors need")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other systems' runs of the JSON already in --out (same device "
                          "kind), replacing only the systems measured now")
@@ -194,6 +245,9 @@ def main():
     env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if torch.cuda.is_available():
         args.world_sizes = [w for w in args.world_sizes if w <= torch.cuda.device_count()]
+    if args.malloc_arena_max is not None:
+        os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)  # the spawned ranks inherit it
+        env["malloc_arena_max"] = args.malloc_arena_max
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for system in args.systems:
@@ -208,12 +262,17 @@ def main():
                        "grad_bytes_per_param": (worst["grad_bytes"] / n
                                                 if worst["grad_bytes"] is not None else None),
                        "peak_mib": max(r["peak_bytes"] for r in recs) / 2**20}
+                if recs[0].get("rss_added_bytes") is not None:
+                    run["rss_added_bytes_per_param"] = max(r["rss_added_bytes"] for r in recs) / n
                 runs.append(run)
                 gb = run["grad_bytes_per_param"]
+                rss = run.get("rss_added_bytes_per_param")
                 print(f"{system:<32} N={world}  optimizer {run['opt_bytes_per_param']:6.2f} B/param  "
                       f"params {run['param_bytes_per_param']:5.2f}  grads {f'{gb:5.2f}' if gb is not None else '  n/a'}  "
+                      f"resident added {f'{rss:5.2f}' if rss is not None else '  n/a'}  "
                       f"peak {run['peak_mib']:8.0f} MiB ({recs[0]['peak_kind']})", flush=True)
-    path = os.path.join(args.out, f"memory_scaling_{env['device'].split(':')[0]}.json")
+    tag = args.tag or env["device"].split(":")[0]
+    path = os.path.join(args.out, f"memory_scaling_{tag}.json")
     systems = list(args.systems)
     if args.merge and os.path.exists(path):
         with open(path) as f:
@@ -239,7 +298,7 @@ def main():
         print(f"| {system} | " + " | ".join(cells) + " |")
     print("(optimizer state + fp32 master, bytes/param on the worst rank; in brackets its peak memory)")
     write_json(path, results)
-    plot(results, os.path.join(args.out, f"memory_scaling_{env['device'].split(':')[0]}.png"))
+    plot(results, os.path.join(args.out, f"memory_scaling_{tag}.png"))
 
 
 if __name__ == "__main__":
