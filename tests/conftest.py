@@ -18,7 +18,20 @@ _missing = [name for name in ("triton", "deepspeed") if importlib.util.find_spec
 if _missing and os.environ.get("ZERO_SF_SKIP_MISSING") != "1":
     raise pytest.UsageError(f"test dependencies missing: {_missing}; pip install -e '.[test]' "
                             "(or set ZERO_SF_SKIP_MISSING=1 to skip the tests that need them)")
-BACKENDS = ["torch", "cpu"] + (["triton"] if triton_available() else [])
+
+def _cpu_backend_available() -> bool:
+    from zero_sf import cpu
+    return cpu.available()
+
+
+# The fused CPU backend needs a C compiler (CI has gcc): without one its
+# tests fail loudly too, unless ZERO_SF_SKIP_MISSING=1.
+if not _cpu_backend_available() and os.environ.get("ZERO_SF_SKIP_MISSING") != "1":
+    from zero_sf import cpu as _cpu
+    raise pytest.UsageError(f"the fused CPU backend does not build here ({_cpu.unavailable_reason()});"
+                            " install gcc (or set ZERO_SF_SKIP_MISSING=1 to skip its tests)")
+BACKENDS = (["torch"] + (["cpu"] if _cpu_backend_available() else [])
+            + (["triton"] if triton_available() else []))
 
 
 @pytest.fixture(params=BACKENDS)

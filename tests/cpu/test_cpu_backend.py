@@ -20,8 +20,9 @@ from zero_sf import functional as F
 from zero_sf import spec
 
 cpu = pytest.importorskip("zero_sf.cpu")
-if not cpu.available():  # CI has gcc: a missing compiler must fail loudly there
-    pytest.fail(f"the CPU backend did not build: {cpu.unavailable_reason()}", pytrace=False)
+if not cpu.available():  # conftest fails the run unless ZERO_SF_SKIP_MISSING=1
+    pytest.skip(f"the CPU backend did not build: {cpu.unavailable_reason()}",
+                allow_module_level=True)
 
 SIZES = [1, 1023, 1025, 70_001]
 LOW = [torch.bfloat16, torch.float16]
