@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -23,11 +23,10 @@ __all__ = ["eval_mode", "resolve", "Switchable"]
 
 @dataclass
 class Switchable:
-    """The object whose ``eval()``/``train()`` switch the weights, and what
-    must run after a switch so the model's parameters hold the result."""
+    """The object whose ``eval()``/``train()`` switch the weights (what must
+    run after a switch, DeepSpeed's regather, is a hook on the optimizer)."""
 
     optimizer: Any  # ScheduleFreeAdamW / ZeroOptimizer / RMSProp / any torch optimizer
-    regather: Optional[Callable[[], None]] = None
 
     @property
     def has_modes(self) -> bool:
@@ -80,11 +79,12 @@ def resolve(obj) -> Switchable:
         if callable(getattr(cur, "zero_optimization_stage", None)) and hasattr(cur, "optimizer"):
             from .deepspeed import _basic_optimizer  # a DeepSpeed engine
 
-            basic = _basic_optimizer(cur)
-            regather = cur.optimizer.update_lp_params if cur.optimizer is not basic else None
-            return _with_hook(basic, regather)
+            basic = _basic_optimizer(cur)  # refuses stage 3 and foreign optimizers
+            if cur.optimizer is basic:  # stage 0, fp32: the model's own parameters
+                return Switchable(basic)
         if _deepspeed_zero_optimizer(cur) and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer):
-            return _with_hook(cur.optimizer, cur.update_lp_params)
+            cur.optimizer.add_switch_hook(cur.update_lp_params)
+            return Switchable(cur.optimizer)
         inner = getattr(cur, "optimizer", None)
         if inner is not None and inner is not cur and len(seen) < 8:
             cur = inner
@@ -94,12 +94,6 @@ def resolve(obj) -> Switchable:
         raise TypeError(
             f"zero_sf.eval_mode() expects an optimizer, an optimizer wrapper or a DeepSpeed "
             f"engine, got {' -> '.join(seen)}; pass the optimizer you step (or the engine)")
-
-
-def _with_hook(basic, regather) -> Switchable:
-    if regather is not None:
-        basic.add_switch_hook(regather)
-    return Switchable(basic, regather)
 
 
 @contextlib.contextmanager
