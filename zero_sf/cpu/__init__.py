@@ -54,7 +54,7 @@ class _Args(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("kind", "dt_p", "dt_g", "dt_out")] + \
         [(name, ctypes.c_float) for name in ("lr", "ck", "y_coef", "beta2", "one_minus_beta2",
                                               "bc2", "eps", "wd", "scale")] + \
-        [(name, ctypes.c_int) for name in ("has_bc2", "has_wd", "has_scale")] + \
+        [(name, ctypes.c_int) for name in ("has_bc2", "has_wd")] + \
         [(name, ctypes.c_float) for name in ("alpha", "one_minus_alpha", "momentum")] + \
         [(name, ctypes.c_int) for name in ("centered", "eps_in_sqrt", "maximize", "has_momentum")] + \
         [("weight", ctypes.c_float)]
@@ -187,8 +187,7 @@ def sf_adamw(ys, grads, zs, vs, y_outs, *, lr, ck, y_coef, beta2, bias_correctio
     for (dp, dg, do), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]), _dt(r[1][4]))):
         args = _Args(kind=0, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                      one_minus_beta2=1.0 - beta2, bc2=bias_correction2, eps=eps, wd=weight_decay,
-                     scale=grad_scale, has_bc2=bias_correction2 != 1.0, has_wd=weight_decay != 0.0,
-                     has_scale=grad_scale != 1.0)
+                     scale=grad_scale, has_bc2=bias_correction2 != 1.0, has_wd=weight_decay != 0.0)
         _run(args, group)
 
 
@@ -202,7 +201,7 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
     for (dp, dg, do), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]), _dt(r[1][5]))):
         args = _Args(kind=1, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, eps=eps, wd=weight_decay,
                      scale=grad_scale, bc2=bias_correction2, has_bc2=bias_correction2 != 1.0,
-                     has_wd=weight_decay != 0.0, has_scale=grad_scale != 1.0, alpha=alpha,
+                     has_wd=weight_decay != 0.0, alpha=alpha,
                      one_minus_alpha=1.0 - alpha, momentum=momentum, centered=bool(centered),
                      eps_in_sqrt=bool(eps_in_sqrt), maximize=bool(maximize),
                      has_momentum=momentum > 0.0)

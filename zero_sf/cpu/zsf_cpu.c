@@ -21,7 +21,6 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 1024
@@ -83,7 +82,7 @@ typedef struct {
     int dt_p, dt_g, dt_out;
     /* sf_adamw */
     float lr, ck, y_coef, beta2, one_minus_beta2, bc2, eps, wd, scale;
-    int has_bc2, has_wd, has_scale;
+    int has_bc2, has_wd;
     /* rmsprop */
     float alpha, one_minus_alpha, momentum;
     int centered, eps_in_sqrt, maximize, has_momentum;
