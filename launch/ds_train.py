@@ -23,16 +23,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import HelpFormatter  # noqa: E402
 from gpt import GPT, batch, corpus, split  # noqa: E402
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                     help="DeepSpeed config; its \"optimizer\" entry names ScheduleFreeAdamW or "
                          "ZeroSFRMSProp, its zero_optimization.stage is 1 or 2")

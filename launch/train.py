@@ -32,23 +32,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import HelpFormatter  # noqa: E402
 from gpt import GPT, batch, corpus, split  # noqa: E402
 
 import zero_sf  # noqa: E402
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every option's default (options whose
-    default is None say in their help what they default to)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--optimizer", default="zero-sf",
                     choices=["zero-sf", "zero-rmsprop", "sf", "rmsprop", "adamw"],
                     help="zero-sf: ZeroOptimizer(ScheduleFreeAdamW); zero-rmsprop: "
