@@ -105,8 +105,9 @@ def check_args(ap, args) -> None:
     if args.resume and not os.path.isdir(args.resume):
         ap.error(f"--resume {args.resume}: no such directory")
     if args.save and _holds_checkpoint(args.save) and not args.overwrite:
-        resuming_it = args.resume and os.path.realpath(args.resume).startswith(
-            os.path.realpath(args.save))
+        save = os.path.realpath(args.save)  # the directory itself or a version inside it
+        resuming_it = args.resume and os.path.commonpath(
+            [os.path.realpath(args.resume), save]) == save
         if not resuming_it:
             ap.error(f"--save {args.save} already holds a checkpoint that this run does not "
                      "resume from; saving would replace it. Pass --resume "

@@ -67,12 +67,15 @@ def _no_training(monkeypatch):
     (["--optimizer", "adamw", "--resume", "{d}"], "--resume needs a zero-\\* optimizer"),
     (["--resume", "{d}/missing"], "no such directory"),
     (["--save", "{d}/old"], "already holds a checkpoint that this run does not resume from"),
+    # a sibling whose name extends it is not "inside" it
+    (["--save", "{d}/old", "--resume", "{d}/old2"], "already holds a checkpoint"),
     (["--fsdp", "--optimizer", "zero-sf"], "--fsdp shards the model itself"),
 ])
 def test_argument_mistakes_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
     train = _no_training(monkeypatch)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "LATEST").write_text("v-000001-00000000")
+    (tmp_path / "old2").mkdir()
     with pytest.raises(SystemExit):
         train.main([a.format(d=tmp_path) for a in argv])
     assert __import__("re").search(message, capsys.readouterr().err)
