@@ -27,8 +27,9 @@ def state_dtype_for(p: Tensor) -> torch.dtype:
 def host_float(value: Any) -> Any:
     """A 1-element tensor hyperparameter (``lr=torch.tensor(1e-3)``, as
     schedulers and capturable code pass it) as a Python float; anything else
-    unchanged.  The kernels take scalars by value, so a CUDA tensor costs one
-    host read per step here."""
+    unchanged.  The kernels take scalars by value, so a CUDA tensor costs a
+    host read (a device sync) each time: in a step's validation and in its
+    update."""
     return float(value.item()) if isinstance(value, Tensor) else value
 
 

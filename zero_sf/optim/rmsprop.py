@@ -38,7 +38,7 @@ class RMSProp(ZeroSFOptimizer):
     dicts load both ways and tools may call ``.item()`` on it; being on the
     host, reading it for the bias correction costs no device sync.  State is
     fp32 for bf16/fp16 params.  A 1-element tensor ``lr`` is accepted (read
-    on the host once per step).
+    on the host by each step's validation and again for the update).
     ``capturable``, ``differentiable`` are accepted for signature
     compatibility but must be False; ``foreach`` is accepted and ignored.
     """
