@@ -318,6 +318,11 @@ def _offload(rank, world_size, root):
                         opt.train()
                     models.append(model), opts.append(opt)
                 assert opts[1].weights.master[0].device.type == "cpu"
+                shard = sum(c.numel() * c.element_size() for cs in opts[1].grads.chunks for c in cs)
+                shard += sum(c.numel() * c.element_size() for bi in range(len(opts[1].buffers))
+                             for c in opts[1].weights.param_chunks(bi))
+                assert opts[1].memory_bytes()["host_staging"] == shard > 0
+                assert opts[0].memory_bytes()["host_staging"] == 0
                 for step in range(6):
                     for model, opt in zip(models, opts):
                         if step == 3:

@@ -453,6 +453,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "grads": nbytes(self.grads.held()),
             "master": nbytes(self.weights.master),
             "optimizer_state": nbytes(inner_state),
+            # offload: host copies of the gradient shard and of y in the model's dtype
+            "host_staging": self.staging.nbytes() if self.staging is not None else 0,
         }
 
 
