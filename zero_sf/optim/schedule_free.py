@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+from torch import Tensor
 
 from .. import functional as F
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
