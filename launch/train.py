@@ -70,6 +70,14 @@ def parse(argv=None):
                     help="clip the global gradient norm to this (0: no clipping)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="parameter dtype (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--state-dtype", choices=["fp32", "bf16"], default=None,
+                    help="dtype of the optimizer state (z, exp_avg_sq); default: fp32 for a bf16 "
+                         "model (docs/design.md §11)")
+    ap.add_argument("--state-rounding", choices=["stochastic", "nearest"], default="stochastic",
+                    help="how bf16 state is rounded")
+    ap.add_argument("--master-weights", choices=["fp32", "remainder"], default="fp32",
+                    help="zero-*: the fp32 master copy, or int16 remainders of the bf16 weights "
+                         "(--dtype bf16); sf/rmsprop: remainder adds an exact master")
     ap.add_argument("--eval-every", type=int, default=100, help="validation every N steps (at x)")
     ap.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
     ap.add_argument("--save", default=None,
@@ -141,23 +149,41 @@ def setup():
     return rank, world, device
 
 
+def compression(args, sharded: bool) -> dict:
+    """The compressed-state keywords the flags ask for (none by default)."""
+    kw = {}
+    if args.state_dtype:
+        kw["state_dtype"] = torch.bfloat16 if args.state_dtype == "bf16" else torch.float32
+        kw["state_rounding"] = args.state_rounding
+    if args.master_weights == "remainder":
+        kw["master_weights"] = "remainder"
+    elif sharded:
+        kw["master_weights"] = "fp32"
+    return kw
+
+
 def build_optimizer(args, model, world):
     lr = args.lr
+    if args.optimizer == "adamw" and (args.state_dtype or args.master_weights != "fp32"):
+        raise SystemExit("--state-dtype/--master-weights: zero_sf optimizers only, not adamw")
+    ckw = compression(args, args.optimizer.startswith("zero-"))
     if args.optimizer == "zero-sf":
         return zero_sf.ZeroScheduleFreeAdamW(model.parameters(), stage=args.stage,
                                              lr=lr or 3e-3, warmup_steps=args.warmup,
                                              weight_decay=args.weight_decay,
-                                             max_norm=args.max_norm or None)
+                                             max_norm=args.max_norm or None, seed=args.seed,
+                                             **ckw)
     if args.optimizer == "zero-rmsprop":
         return zero_sf.ZeroOptimizer(model.parameters(), zero_sf.RMSProp, stage=args.stage,
                                      lr=lr or 1e-3, alpha=0.999, bias_correction=True,
-                                     max_norm=args.max_norm or None)
+                                     max_norm=args.max_norm or None, seed=args.seed, **ckw)
     if args.optimizer == "sf":
         return zero_sf.ScheduleFreeAdamW(model.parameters(), lr=lr or 3e-3,
-                                         warmup_steps=args.warmup, weight_decay=args.weight_decay)
+                                         warmup_steps=args.warmup, weight_decay=args.weight_decay,
+                                         seed=args.seed, **ckw)
     if args.optimizer == "rmsprop":
         return zero_sf.RMSProp(model.parameters(), lr=lr or 1e-3, alpha=0.999,
-                               bias_correction=True)
+                               bias_correction=True, seed=args.seed, **ckw)
     return torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, weight_decay=args.weight_decay)
 
 

@@ -367,10 +367,14 @@ def _write(model: nn.Module, optimizer: ZeroOptimizer, meta, fresh, plan, reads)
             model_sd[k].copy_(v)
     keys = sorted({key for _, _, key, *_ in plan} - {"master"})
     optimizer.ensure_state(keys)
-    pieces = {(index, start): tensors for index, start, _, tensors in optimizer.shard_pieces(y=True)}
+    joined: dict = {}  # master_weights="remainder": fp32 y, split after the copies
+    pieces = {(index, start): tensors
+              for index, start, _, tensors in optimizer.shard_pieces(y=True, joined=joined)}
     for index, start, key, d0, name, s0, n in plan:
         source = reads[name] if name in reads else fresh[name[len("model."):]].reshape(-1)
+        # (a state dtype other than the saved one converts here: bf16 <-> fp32)
         pieces[(index, start)][key][d0:d0 + n].copy_(source[s0:s0 + n])
+    optimizer.store_master(joined)
     optimizer.load_scalar_state(meta["scalars"])
     # Every rank wrote y for the elements it owns: all-gather, so the model
     # holds y rounded to its dtype (a fp32 model loading a bf16 run's master;

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import spec
@@ -112,16 +113,34 @@ _TORCH_CHUNK = 1 << 16
 
 
 def _torch_chunks(*tensors: Optional[Tensor]):
-    """Yield tuples of matching 1-D slices (None stays None); the whole
-    tensors when small or not all contiguous."""
+    """Yield (offset of the first element, tuple of matching 1-D slices)
+    (None stays None); the whole tensors when small or not all contiguous."""
     first = tensors[0]
     n = first.numel()
     if n <= _TORCH_CHUNK or not _all_contiguous(*tensors):
-        yield tensors
+        yield 0, tensors
         return
     flat = [t.view(-1) if t is not None else None for t in tensors]
     for s in range(0, n, _TORCH_CHUNK):
-        yield tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
+        yield s, tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
+
+
+def _check_compressed(ys, remainders, sr, index_bases) -> None:
+    """The arguments of compressed state agree with each other."""
+    if remainders is not None:
+        for i, (y, r) in enumerate(zip(ys, remainders)):
+            if r is not None and (y.dtype != torch.bfloat16 or r.dtype != torch.int16
+                                  or r.shape != y.shape):
+                raise ValueError(
+                    f"remainder {i}: a {r.dtype} remainder of shape {tuple(r.shape)} for a "
+                    f"{y.dtype} parameter of shape {tuple(y.shape)}; remainders are int16 "
+                    "tensors shaped like their bfloat16 parameters")
+    if sr is not None and index_bases is None:
+        raise ValueError("stochastic rounding (sr=(seed, step)) needs index_bases")
+
+
+def _base(index_bases, i: int) -> int:
+    return index_bases[i] if index_bases is not None else 0
 
 
 def _dtensor_cls():
@@ -203,30 +222,39 @@ def sf_adamw(
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
     y_outs: Optional[Sequence[Tensor]] = None,
+    remainders: Optional[Sequence[Optional[Tensor]]] = None,
+    sr: Optional[tuple[int, int]] = None,
+    index_bases: Optional[Sequence[int]] = None,
     backend: str = "auto",
 ) -> None:
     """Schedule-Free AdamW step (:func:`zero_sf.spec.sf_adamw_update`) on lists.
 
     ``y_outs`` (optional, entries may be ``None``): tensors that receive ``y``
     rounded to their dtype, in the same pass (a ZeRO rank's slice of the
-    model's bf16 parameters when ``ys`` are fp32 master shards)."""
-    ys, grads, zs, vs, y_outs = _local([ys, grads, zs, vs, y_outs])
+    model's bf16 parameters when ``ys`` are fp32 master shards).
+    ``remainders`` (int16, entries may be ``None``): the low bits of bf16
+    ``ys`` (exact fp32 y).  ``sr = (seed, step)``: bf16 state is rounded
+    stochastically, element i of tensor j numbered ``index_bases[j] + i``."""
+    _check_compressed(ys, remainders, sr, index_bases)
+    ys, grads, zs, vs, y_outs, remainders = _local([ys, grads, zs, vs, y_outs, remainders])
     if not ys:  # e.g. every local shard of this rank is empty
         return
     backend = resolve_backend(backend, ys)
-    fused, plain = _split(backend, len(ys), (ys, grads, y_outs, zs, vs), n_state=2)
+    fused, plain = _split(backend, len(ys), (ys, grads, y_outs, remainders, zs, vs), n_state=2)
     scalars = dict(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                    bias_correction2=bias_correction2, eps=eps,
                    weight_decay=weight_decay, grad_scale=grad_scale)
-    if fused and backend == "cpu":
-        _cpu_backend().sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
-                                _pick(vs, fused), _pick(y_outs, fused), **scalars)
-    elif fused:
-        _kernels().sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
-                            _pick(vs, fused), y_outs=_pick(y_outs, fused), **scalars)
+    if fused:
+        impl = _cpu_backend() if backend == "cpu" else _kernels()
+        impl.sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
+                      _pick(vs, fused), y_outs=_pick(y_outs, fused),
+                      remainders=_pick(remainders, fused), sr=sr,
+                      index_bases=_pick(index_bases, fused), **scalars)
     for i in plain:
-        for y, g, z, v, y_out in _torch_chunks(ys[i], grads[i], zs[i], vs[i], _at(y_outs, i)):
-            spec.sf_adamw_update(y, g, z, v, y_out=y_out, **scalars)
+        for off, (y, g, z, v, y_out, rem) in _torch_chunks(
+                ys[i], grads[i], zs[i], vs[i], _at(y_outs, i), _at(remainders, i)):
+            spec.sf_adamw_update(y, g, z, v, y_out=y_out, remainder=rem, sr=sr,
+                                 index_base=_base(index_bases, i) + off, **scalars)
 
 
 def rmsprop(
@@ -247,42 +275,43 @@ def rmsprop(
     grad_avgs: Optional[Sequence[Tensor]] = None,
     grad_scale: float = 1.0,
     param_outs: Optional[Sequence[Tensor]] = None,
+    remainders: Optional[Sequence[Optional[Tensor]]] = None,
+    sr: Optional[tuple[int, int]] = None,
+    index_bases: Optional[Sequence[int]] = None,
     backend: str = "auto",
 ) -> None:
-    """RMSProp step (:func:`zero_sf.spec.rmsprop_update`) on lists."""
+    """RMSProp step (:func:`zero_sf.spec.rmsprop_update`) on lists;
+    ``remainders``, ``sr``, ``index_bases`` as in :func:`sf_adamw`."""
     if momentum > 0.0 and momentum_buffers is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
     if centered and grad_avgs is None:
         raise ValueError("centered=True needs grad_avgs")
-    params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs = _local(
-        [params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs])
+    _check_compressed(params, remainders, sr, index_bases)
+    params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders = _local(
+        [params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders])
     if not params:
         return
     backend = resolve_backend(backend, params)
     fused, plain = _split(backend, len(params),
-                          (params, grads, param_outs, square_avgs, momentum_buffers, grad_avgs),
-                          n_state=3)
+                          (params, grads, param_outs, remainders, square_avgs, momentum_buffers,
+                           grad_avgs), n_state=3)
     scalars = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                    momentum=momentum, centered=centered,
                    bias_correction2=bias_correction2, eps_in_sqrt=eps_in_sqrt,
                    maximize=maximize, grad_scale=grad_scale)
-    if fused and backend == "cpu":
-        _cpu_backend().rmsprop(_pick(params, fused), _pick(grads, fused),
-                               _pick(square_avgs, fused),
-                               momentum_buffers=_pick(momentum_buffers, fused),
-                               grad_avgs=_pick(grad_avgs, fused),
-                               param_outs=_pick(param_outs, fused), **scalars)
-    elif fused:
-        _kernels().rmsprop(_pick(params, fused), _pick(grads, fused),
-                           _pick(square_avgs, fused),
-                           momentum_buffers=_pick(momentum_buffers, fused),
-                           grad_avgs=_pick(grad_avgs, fused),
-                           param_outs=_pick(param_outs, fused), **scalars)
+    if fused:
+        impl = _cpu_backend() if backend == "cpu" else _kernels()
+        impl.rmsprop(_pick(params, fused), _pick(grads, fused), _pick(square_avgs, fused),
+                     momentum_buffers=_pick(momentum_buffers, fused),
+                     grad_avgs=_pick(grad_avgs, fused), param_outs=_pick(param_outs, fused),
+                     remainders=_pick(remainders, fused), sr=sr,
+                     index_bases=_pick(index_bases, fused), **scalars)
     for i in plain:
-        for p, g, v, buf, gavg, out in _torch_chunks(
+        for off, (p, g, v, buf, gavg, out, rem) in _torch_chunks(
                 params[i], grads[i], square_avgs[i], _at(momentum_buffers, i),
-                _at(grad_avgs, i), _at(param_outs, i)):
+                _at(grad_avgs, i), _at(param_outs, i), _at(remainders, i)):
             spec.rmsprop_update(p, g, v, momentum_buffer=buf, grad_avg=gavg, param_out=out,
+                                remainder=rem, sr=sr, index_base=_base(index_bases, i) + off,
                                 **scalars)
 
 
@@ -292,20 +321,21 @@ def sf_interpolate(
     *,
     weight: float,
     p_outs: Optional[Sequence[Tensor]] = None,
+    remainders: Optional[Sequence[Optional[Tensor]]] = None,
     backend: str = "auto",
 ) -> None:
-    """``p.lerp_(z, weight)`` on lists: the y<->x switch of train()/eval()."""
-    ps, zs, p_outs = _local([ps, zs, p_outs])
+    """``p.lerp_(z, weight)`` on lists: the y<->x switch of train()/eval()
+    (``remainders``: int16 low bits of bf16 ``ps``, kept exact)."""
+    _check_compressed(ps, remainders, None, None)
+    ps, zs, p_outs, remainders = _local([ps, zs, p_outs, remainders])
     if not ps:
         return
     backend = resolve_backend(backend, ps)
-    fused, plain = _split(backend, len(ps), (ps, p_outs, zs), n_state=1)
-    if fused and backend == "cpu":
-        _cpu_backend().sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
-                                      p_outs=_pick(p_outs, fused))
-    elif fused:
-        _kernels().sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
-                                  p_outs=_pick(p_outs, fused))
+    fused, plain = _split(backend, len(ps), (ps, p_outs, remainders, zs), n_state=1)
+    if fused:
+        impl = _cpu_backend() if backend == "cpu" else _kernels()
+        impl.sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
+                            p_outs=_pick(p_outs, fused), remainders=_pick(remainders, fused))
     for i in plain:
-        for p, z, out in _torch_chunks(ps[i], zs[i], _at(p_outs, i)):
-            spec.sf_interpolate(p, z, weight=weight, p_out=out)
+        for _, (p, z, out, rem) in _torch_chunks(ps[i], zs[i], _at(p_outs, i), _at(remainders, i)):
+            spec.sf_interpolate(p, z, weight=weight, p_out=out, remainder=rem)

@@ -36,12 +36,162 @@ __all__ = [
     "SFScalars",
     "sf_scalars",
     "rms_bias_correction",
+    "compute_dtype",
+    "mix32",
+    "sr_key",
+    "random_bits",
+    "round_stochastic",
+    "store_state",
+    "split_master",
+    "join_master",
+    "ROLE_Z",
+    "ROLE_V",
+    "ROLE_BUF",
+    "ROLE_GAVG",
 ]
 
 
 def _upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype``; no copy when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def compute_dtype(state: Tensor) -> torch.dtype:
+    """The dtype the update is computed in: fp32 for bf16/fp16 state (a
+    compressed ``z``/``exp_avg_sq`` is widened, updated and rounded once),
+    else the state's own dtype (fp32, fp64)."""
+    return torch.float32 if state.dtype in (torch.bfloat16, torch.float16) else state.dtype
+
+
+# --------------------------------------------------------------------------
+# Compressed state: stochastic rounding and 16-bit master remainders
+# --------------------------------------------------------------------------
+#
+# Stochastic rounding (SR) of a fp32 value to bf16 adds 16 random bits to the
+# 16 bits bf16 drops, then truncates: it rounds up with probability equal to
+# the dropped fraction, so E[round(x)] = x.  A bf16 ``exp_avg_sq`` rounded to
+# nearest loses every increment below 2**-9 of its value (beta2 = 0.999 adds
+# 1e-3 of g^2 per step); rounded stochastically it keeps them on average.
+#
+# The random bits are a counter-based hash, not a generator: element i of a
+# parameter whose first element has global index ``base`` (its position in
+# the optimizer's parameters, the order of ZeroOptimizer's flat buffers) gets
+# ``random_bits(base + i, sr_key(seed, step, role))``.  So the bits depend on
+# (seed, step, state tensor, element) only: the same at every world size,
+# bucket size and backend, and reproducible after a resume.
+
+_M32 = 0xFFFFFFFF
+ROLE_Z, ROLE_V, ROLE_BUF, ROLE_GAVG = 1, 2, 3, 4  # one random stream per state tensor
+
+
+def mix32(x: int) -> int:
+    """A 32-bit integer hash (Wellons' "lowbias32": full avalanche, 2
+    multiplies), on a Python int; :func:`random_bits` is the same on tensors."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_t(x: Tensor) -> Tensor:
+    # int64 arithmetic on values < 2**32: the products wrap, their low 32
+    # bits (all that is kept) are exact.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int, role: int) -> int:
+    """The 32-bit key of one state tensor's rounding in one step (host)."""
+    return mix32(mix32(mix32(seed) ^ (step & _M32)) ^ (step >> 32) ^ role)
+
+
+def random_bits(numel: int, index_base: int, key: int, device=None) -> Tensor:
+    """32 random bits (int64 in [0, 2**32)) for elements ``index_base + i``:
+    ``mix32(mix32(lo32(idx) ^ key) ^ hi32(idx))``."""
+    idx = torch.arange(index_base, index_base + numel, dtype=torch.int64, device=device)
+    return _mix32_t(_mix32_t((idx & _M32) ^ key) ^ (idx >> 32))
+
+
+def _as_int32(bits: Tensor) -> Tensor:
+    """int64 values in [0, 2**32) as the int32 with the same 32 bits."""
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+
+
+def round_stochastic(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 ``x`` to bf16, rounding up (in magnitude) with probability equal
+    to the fraction the 16 dropped bits make of one bf16 ulp: the low 16 of
+    ``bits`` are added to the dropped bits before truncation.  NaN stays NaN;
+    a value within one ulp of the largest bf16 may round to inf, as it can
+    round to nearest."""
+    b = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    b = (b + (bits & 0xFFFF)) & 0xFFFF0000
+    out = _as_int32(b).view(torch.float32).view(x.shape).to(torch.bfloat16)  # exact: low bits 0
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+
+
+def store_state(dst: Tensor, x: Tensor, *, key: Optional[int] = None,
+                index_base: int = 0) -> None:
+    """Write the updated state ``x`` (compute dtype) into ``dst``: nothing to
+    do when they are the same tensor; a bf16 ``dst`` with a ``key`` gets
+    stochastic rounding, anything else round-to-nearest-even (``copy_``)."""
+    if x is dst:
+        return
+    if key is not None and dst.dtype == torch.bfloat16:
+        dst.copy_(round_stochastic(x, random_bits(x.numel(), index_base, key, x.device)
+                                   .view(x.shape)))
+    else:
+        dst.copy_(x)
+
+
+def split_master(y: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 ``y`` as (bf16 parameter, int16 remainder), exactly.
+
+    The parameter is the top 16 bits of y, plus one in its last place when
+    the remainder (the low 16 bits) is >= 0x8000: y rounded to nearest,
+    ties away from zero (torch rounds ties to even; the two differ only
+    when the low 16 bits are exactly 0x8000).  The remainder is the low 16
+    bits as an int16, so it is negative exactly when the parameter was
+    rounded up (TransformerEngine's ``store_param_remainders`` encoding)."""
+    b = y.contiguous().view(torch.int32).to(torch.int64) & _M32
+    lo = b & 0xFFFF
+    hi = ((b >> 16) + (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    as16 = lambda t: torch.where(t >= 1 << 15, t - (1 << 16), t).to(torch.int16).view(y.shape)
+    return as16(hi).view(torch.bfloat16), as16(lo)
+
+
+def join_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The exact fp32 y of a bf16 ``param`` and its int16 ``remainder``
+    (the inverse of :func:`split_master` for every bit pattern)."""
+    lo = remainder.to(torch.int64) & 0xFFFF
+    hi = (param.contiguous().view(torch.int16).to(torch.int64) - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    return _as_int32((hi << 16) | lo).view(torch.float32).view(param.shape)
+
+
+def _load_y(y: Tensor, remainder: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """y in the compute dtype: joined with its remainder (exact), or upcast."""
+    if remainder is not None:
+        return join_master(y, remainder)
+    return _upcast(y, dtype)
+
+
+def _store_y(y: Tensor, y32: Tensor, remainder: Optional[Tensor],
+             y_out: Optional[Tensor]) -> None:
+    if remainder is not None:
+        hi, lo = split_master(y32)
+        y.copy_(hi)
+        remainder.copy_(lo)
+        if y_out is not None:
+            y_out.copy_(hi)
+        return
+    if y32 is not y:
+        y.copy_(y32)
+    if y_out is not None:
+        y_out.copy_(y32)
 
 
 # --------------------------------------------------------------------------
@@ -89,6 +239,10 @@ def rms_normalize(
 # --------------------------------------------------------------------------
 
 
+def _key(sr: Optional[tuple[int, int]], role: int) -> Optional[int]:
+    return None if sr is None else sr_key(sr[0], sr[1], role)
+
+
 def rmsprop_update(
     param: Tensor,
     grad: Tensor,
@@ -107,6 +261,9 @@ def rmsprop_update(
     grad_avg: Optional[Tensor] = None,
     grad_scale: float = 1.0,
     param_out: Optional[Tensor] = None,
+    remainder: Optional[Tensor] = None,
+    sr: Optional[tuple[int, int]] = None,
+    index_base: int = 0,
 ) -> None:
     """One RMSProp step on one tensor, in place.
 
@@ -118,43 +275,50 @@ def rmsprop_update(
     ``param`` may be a fp32 master copy of a low-precision parameter; then
     ``param_out`` receives its rounded copy.  ``grad_scale`` multiplies the
     gradient first (averaging over ranks or loss-scale unscaling).
+    ``remainder`` (int16, bf16 ``param``): the low bits of the fp32 value,
+    see :func:`split_master`.  bf16 state is rounded stochastically with
+    ``sr = (seed, step)`` (elements numbered from ``index_base``), to
+    nearest without.
     """
-    state_dtype = square_avg.dtype
-    g = _upcast(grad, state_dtype)
+    cdt = compute_dtype(square_avg)
+    g = _upcast(grad, cdt)
     if grad_scale != 1.0:
         g = g * grad_scale
     if maximize:
         g = -g
-    p = _upcast(param, state_dtype)
+    p = _load_y(param, remainder, cdt)
     if weight_decay != 0.0:
         g = g.add(p, alpha=weight_decay)
 
-    square_avg.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+    v = _upcast(square_avg, cdt)
+    v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
     if centered:
         assert grad_avg is not None, "centered RMSProp needs grad_avg"
-        grad_avg.lerp_(g, 1.0 - alpha)
+        gavg = _upcast(grad_avg, cdt)
+        gavg.lerp_(g, 1.0 - alpha)
         # Centred second moment: E[g^2] - E[g]^2, both bias-corrected alike.
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1.0)
+        avg = v.addcmul(gavg, gavg, value=-1.0)
+        store_state(grad_avg, gavg, key=_key(sr, ROLE_GAVG), index_base=index_base)
     else:
-        avg = square_avg.clone() if bias_correction2 == 1.0 else square_avg
+        avg = v.clone() if bias_correction2 == 1.0 else v
     if bias_correction2 != 1.0:
         avg = avg.div(bias_correction2)
     if eps_in_sqrt:
         avg.add_(eps).sqrt_()
     else:
         avg.sqrt_().add_(eps)
+    store_state(square_avg, v, key=_key(sr, ROLE_V), index_base=index_base)
 
     if momentum > 0.0:
         assert momentum_buffer is not None, "momentum needs momentum_buffer"
-        momentum_buffer.mul_(momentum).addcdiv_(g, avg)
-        p.add_(momentum_buffer, alpha=-lr)
+        buf = _upcast(momentum_buffer, cdt)
+        buf.mul_(momentum).addcdiv_(g, avg)
+        p.add_(buf, alpha=-lr)
+        store_state(momentum_buffer, buf, key=_key(sr, ROLE_BUF), index_base=index_base)
     else:
         p.addcdiv_(g, avg, value=-lr)
 
-    if p is not param:  # low-precision param updated through a fp32 copy
-        param.copy_(p)
-    if param_out is not None:
-        param_out.copy_(p)
+    _store_y(param, p, remainder, param_out)
 
 
 # --------------------------------------------------------------------------
@@ -222,6 +386,9 @@ def sf_adamw_update(
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
     y_out: Optional[Tensor] = None,
+    remainder: Optional[Tensor] = None,
+    sr: Optional[tuple[int, int]] = None,
+    index_base: int = 0,
 ) -> None:
     """One Schedule-Free AdamW step on one tensor, in place.
 
@@ -230,25 +397,29 @@ def sf_adamw_update(
     ``y_out``, when given, receives ``y`` rounded to its dtype (the model's
     bf16/fp16 parameter when ``y`` is a fp32 master).  The gradient is not
     modified (schedulefree normalizes ``p.grad`` in place; we don't).
+    ``remainder``: int16 low bits of a bf16 ``y`` (:func:`split_master`),
+    so the update runs on the exact fp32 y.  bf16 ``z``/``v`` are computed
+    in fp32 and rounded once, stochastically with ``sr = (seed, step)``
+    (elements numbered from ``index_base``), else to nearest.
     """
-    state_dtype = v.dtype
-    g = _upcast(grad, state_dtype)
+    cdt = compute_dtype(v)
+    g = _upcast(grad, cdt)
     if grad_scale != 1.0:
         g = g * grad_scale
     # u = g / (sqrt(v / bc2) + eps): the RMS core, Adam-style.
-    u = rms_normalize(g, v, beta2=beta2, eps=eps, bias_correction2=bias_correction2)
-    y32 = _upcast(y, state_dtype)
+    v32, z32 = _upcast(v, cdt), _upcast(z, cdt)
+    u = rms_normalize(g, v32, beta2=beta2, eps=eps, bias_correction2=bias_correction2)
+    y32 = _load_y(y, remainder, cdt)
     if weight_decay != 0.0:
         u.add_(y32, alpha=weight_decay)  # decay evaluated at y, as the reference
     # y_{k+1} = (1-ck) y_k + ck z_k + lr (beta1 (1-ck) - 1) u:
     # x and y advanced together without ever storing x.
-    y32.lerp_(z, ck)
+    y32.lerp_(z32, ck)
     y32.add_(u, alpha=y_coef)
-    z.sub_(u, alpha=lr)
-    if y32 is not y:
-        y.copy_(y32)
-    if y_out is not None:
-        y_out.copy_(y32)
+    z32.sub_(u, alpha=lr)
+    store_state(v, v32, key=_key(sr, ROLE_V), index_base=index_base)
+    store_state(z, z32, key=_key(sr, ROLE_Z), index_base=index_base)
+    _store_y(y, y32, remainder, y_out)
 
 
 def sf_eval_weight(beta1: float) -> float:
@@ -262,18 +433,17 @@ def sf_train_weight(beta1: float) -> float:
 
 
 def sf_interpolate(
-    p: Tensor, z: Tensor, *, weight: float, p_out: Optional[Tensor] = None
+    p: Tensor, z: Tensor, *, weight: float, p_out: Optional[Tensor] = None,
+    remainder: Optional[Tensor] = None,
 ) -> None:
     """``p <- p + weight*(z - p)`` in place (``p.lerp_(z, weight)``).
 
     With :func:`sf_eval_weight` this is train->eval (y to x), with
     :func:`sf_train_weight` eval->train (x to y).  ``p`` may be bf16 while
-    ``z`` is fp32: the lerp is done in ``z``'s dtype and rounded once.
+    ``z`` is fp32: the lerp is done in fp32 and rounded once (a bf16 ``z``
+    is widened first; ``remainder``: ``p``'s exact fp32 value, kept exact).
     """
-    p32 = _upcast(p, z.dtype)
-    p32.lerp_(z, weight)
-    if p32 is not p:
-        p.copy_(p32)
-    if p_out is not None:
-        p_out.copy_(p32)
-
+    cdt = compute_dtype(z)
+    p32 = _load_y(p, remainder, cdt)
+    p32.lerp_(_upcast(z, cdt), weight)
+    _store_y(p, p32, remainder, p_out)

@@ -36,12 +36,14 @@ ELEMENTS_PER_THREAD = 1024 // (4 * 32)  # BLOCK / (num_warps * warp size)
 # (by parameter name; the multi-tensor kernels' *_like pointers carry the
 # dtypes of their pointer tables), and the constexpr that enables each.
 ROLES = {
-    "sf_adamw": (["g", "y", "z", "v"], ["y", "z", "v", ("yout", "HAS_YOUT")]),
-    "rmsprop": (["g", "p", "v", ("buf", "MOMENTUM"), ("gavg", "CENTERED")],
-                ["p", "v", ("buf", "MOMENTUM"), ("gavg", "CENTERED"), ("pout", "HAS_POUT")]),
-    "interpolate": (["p", "z"], ["p", ("pout", "HAS_POUT")]),
+    "sf_adamw": (["g", "y", "z", "v", ("rem", "HAS_REM")],
+                 ["y", "z", "v", ("yout", "HAS_YOUT"), ("rem", "HAS_REM")]),
+    "rmsprop": (["g", "p", "v", ("buf", "MOMENTUM"), ("gavg", "CENTERED"), ("rem", "HAS_REM")],
+                ["p", "v", ("buf", "MOMENTUM"), ("gavg", "CENTERED"), ("pout", "HAS_POUT"),
+                 ("rem", "HAS_REM")]),
+    "interpolate": (["p", "z", ("rem", "HAS_REM")], ["p", ("pout", "HAS_POUT"), ("rem", "HAS_REM")]),
 }
-SIZES = {"*fp32": 4, "*bf16": 2, "*fp16": 2}
+SIZES = {"*fp32": 4, "*bf16": 2, "*fp16": 2, "*i16": 2}
 
 # One subprocess: record the launches, compile a covering subset plus the
 # specializations the assertions below name, for both architectures.
@@ -55,7 +57,12 @@ _SCRIPT = textwrap.dedent("""
                  and ("HAS_YOUT", True) in s.constexprs and dict(s.signature)["n"] == "i32"]
     odd_n = [s for s in specs if s.kernel == "sf_adamw_flat_kernel"
              and dict(s.attrs)["n"] == "" and dict(s.signature).get("n") == "i32"]
-    chosen |= set(zero_bf16[:1] + odd_n[:1])
+    # a compressed ZeRO shard: bf16 y + int16 remainder, bf16 z/v with SR
+    compressed = [s for s in specs if s.kernel == "sf_adamw_flat_kernel"
+                  and dict(s.signature)["y_ptr"] == "*bf16" and dict(s.signature)["z_ptr"] == "*bf16"
+                  and ("HAS_REM", True) in s.constexprs and ("SR", True) in s.constexprs
+                  and dict(s.attrs)["n"] == "D"]
+    chosen |= set(zero_bf16[:1] + odd_n[:1] + compressed[:1])
     out = []
     for arch in aot.ARCHS:
         for s in sorted(chosen, key=lambda s: s.describe()):
@@ -66,6 +73,7 @@ _SCRIPT = textwrap.dedent("""
                             shared=r.shared, spill=r.spill_bytes, registers=r.registers,
                             stats=r.stats))
     json.dump(dict(recorded=len(specs), zero_bf16=len(zero_bf16), odd_n=len(odd_n),
+                   compressed=len(compressed),
                    results=out), sys.stdout)
 """)
 
@@ -144,6 +152,22 @@ def test_zero_shard_of_bf16_model_moves_28_bytes_per_element_in_128_bit_accesses
         assert r["stats"]["global"] == {"ld.global.v4.b32": 14, "st.global.v4.b32": 14}, r["line"]
 
 
+def test_compressed_zero_shard_moves_18_bytes_per_element(compiled):
+    """Issue #14: the ZeRO shard of a bf16 model with bf16 state (stochastic
+    rounding) and the remainder master: read g, y, remainder, z, v (2 B
+    each), write y, remainder, z, v: 18 B/element instead of 28, still
+    128-bit accesses only (5 ld.global.v4 + 4 st.global.v4 per thread of 8
+    elements, per path)."""
+    assert compiled["compressed"] >= 1
+    rs = [r for r in compiled["results"] if r["kernel"] == "sf_adamw_flat_kernel"
+          and r["signature"]["y_ptr"] == "*bf16" and r["signature"]["z_ptr"] == "*bf16"
+          and r["constexprs"]["HAS_REM"] and r["constexprs"]["SR"] and r["attrs"]["n"] == "D"]
+    assert {r["arch"] for r in rs} == {80, 90}
+    for r in rs:
+        assert _bytes_per_element(r) == 18
+        assert r["stats"]["global"] == {"ld.global.v4.b32": 10, "st.global.v4.b32": 8}, r["line"]
+
+
 def test_every_full_aligned_block_is_vectorized(compiled):
     """Every kernel, flat or multi-tensor: the unmasked path of a block whose
     pointers are 16-byte aligned moves exactly its roles' bytes per element in
@@ -195,7 +219,7 @@ def test_a_broken_kernel_runs_in_the_interpreter_but_fails_to_compile(tmp_path):
     from zero_sf.kernels.aot import load_kernels_from
     K = load_kernels_from(str(broken))  # interpreter objects in this process
     p, z = torch.zeros(2048), torch.ones(2048)
-    K.interpolate_flat_kernel[(2,)](p, z, p, 2048, 0.75, HAS_POUT=False, BLOCK=1024)
+    K.interpolate_flat_kernel[(2,)](p, z, p, p, 2048, 0.75, HAS_POUT=False, HAS_REM=False, BLOCK=1024)
     assert torch.equal(p, torch.full((2048,), 0.75))
 
     proc = subprocess.run(

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..spec import sr_key
+
 __all__ = ["available", "library", "sf_adamw", "rmsprop", "sf_interpolate", "eligible"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zsf_cpu.c")
@@ -39,6 +41,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC
           "-fopenmp"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPES_T = tuple(_DTYPES)
 _NONE = 3
 
 _lock = threading.Lock()
@@ -47,7 +50,8 @@ _failed: Optional[str] = None
 
 
 class _Task(ctypes.Structure):
-    _fields_ = [("p", ctypes.c_void_p * 6), ("n", ctypes.c_int64)]
+    _fields_ = [("p", ctypes.c_void_p * 6), ("n", ctypes.c_int64), ("rem", ctypes.c_void_p),
+                ("base", ctypes.c_int64)]
 
 
 class _Args(ctypes.Structure):
@@ -57,7 +61,8 @@ class _Args(ctypes.Structure):
         [(name, ctypes.c_int) for name in ("has_bc2", "has_wd")] + \
         [(name, ctypes.c_float) for name in ("alpha", "one_minus_alpha", "momentum")] + \
         [(name, ctypes.c_int) for name in ("centered", "eps_in_sqrt", "maximize", "has_momentum")] + \
-        [("weight", ctypes.c_float)]
+        [("weight", ctypes.c_float), ("dt_s", ctypes.c_int), ("sr", ctypes.c_int),
+         ("key", ctypes.c_uint32 * 5)]
 
 
 def _cpu_flags() -> str:
@@ -140,14 +145,16 @@ def unavailable_reason() -> Optional[str]:
 
 
 def eligible(*tensors: Optional[Tensor], state: Sequence[Optional[Tensor]] = ()) -> bool:
-    """Contiguous CPU tensors of fp32/bf16/fp16, fp32 state."""
+    """Contiguous CPU tensors of fp32/bf16/fp16 (int16 remainders), fp32 or
+    bf16 state (all of one dtype)."""
     for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype not in _DTYPES
+        if t is not None and (t.device.type != "cpu" or t.dtype not in _DTYPES_T + (torch.int16,)
                               or not t.is_contiguous()):
             return False
+    state = [t for t in state if t is not None]
     for t in state:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32
-                              or not t.is_contiguous()):
+        if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
+                or t.dtype != state[0].dtype or not t.is_contiguous()):
             return False
     return True
 
@@ -161,13 +168,16 @@ def _ptr(t: Optional[Tensor]):
 
 
 def _run(args: _Args, rows: list[tuple]) -> None:
-    """rows: (n, [tensors by role]) with equal dtypes per role; one C call."""
+    """rows: (n, [tensors by role], remainder, index base) with equal dtypes
+    per role; one C call."""
     rows = [r for r in rows if r[0] > 0]
     if not rows:
         return
     tasks = (_Task * len(rows))()
-    for task, (n, ts) in zip(tasks, rows):
+    for task, (n, ts, rem, base) in zip(tasks, rows):
         task.n = n
+        task.rem = _ptr(rem)
+        task.base = base
         for i, t in enumerate(ts):
             task.p[i] = _ptr(t)
     library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads())
@@ -180,36 +190,52 @@ def _groups(rows, key):
     return out.items()
 
 
-def sf_adamw(ys, grads, zs, vs, y_outs, *, lr, ck, y_coef, beta2, bias_correction2, eps,
-             weight_decay=0.0, grad_scale=1.0) -> None:
-    rows = [(y.numel(), [y, g, z, v, (y_outs[i] if y_outs is not None else None)])
-            for i, (y, g, z, v) in enumerate(zip(ys, grads, zs, vs))]
-    for (dp, dg, do), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]), _dt(r[1][4]))):
+def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
+    """The state dtype and the stochastic-rounding keys (spec.sr_key)."""
+    args.dt_s = _DTYPES[state_dtype]
+    args.sr = int(sr is not None and state_dtype == torch.bfloat16)
+    if args.sr:
+        for role in range(1, 5):
+            args.key[role] = sr_key(sr[0], sr[1], role)
+    return args
+
+
+def _rows(primary, roles, remainders, index_bases):
+    at = lambda xs, i: xs[i] if xs is not None else None
+    return [(p.numel(), [at(r, i) for r in roles], at(remainders, i),
+             index_bases[i] if index_bases is not None else 0) for i, p in enumerate(primary)]
+
+
+def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2, bias_correction2, eps,
+             weight_decay=0.0, grad_scale=1.0, remainders=None, sr=None,
+             index_bases=None) -> None:
+    rows = _rows(ys, [ys, grads, zs, vs, y_outs], remainders, index_bases)
+    for (dp, dg, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]),
+                                                            _dt(r[1][4]), r[1][3].dtype)):
         args = _Args(kind=0, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                      one_minus_beta2=1.0 - beta2, bc2=bias_correction2, eps=eps, wd=weight_decay,
                      scale=grad_scale, has_bc2=bias_correction2 != 1.0, has_wd=weight_decay != 0.0)
-        _run(args, group)
+        _run(_compressed(args, ds, sr), group)
 
 
 def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs, lr, alpha,
             eps, weight_decay, momentum, centered, bias_correction2, eps_in_sqrt, maximize,
-            grad_scale) -> None:
-    at = lambda xs, i: xs[i] if xs is not None else None
-    rows = [(p.numel(), [p, g, v, at(momentum_buffers, i) if momentum > 0.0 else None,
-                         at(grad_avgs, i) if centered else None, at(param_outs, i)])
-            for i, (p, g, v) in enumerate(zip(params, grads, square_avgs))]
-    for (dp, dg, do), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]), _dt(r[1][5]))):
+            grad_scale, remainders=None, sr=None, index_bases=None) -> None:
+    rows = _rows(params, [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
+                          grad_avgs if centered else None, param_outs], remainders, index_bases)
+    for (dp, dg, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]),
+                                                            _dt(r[1][5]), r[1][2].dtype)):
         args = _Args(kind=1, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, eps=eps, wd=weight_decay,
                      scale=grad_scale, bc2=bias_correction2, has_bc2=bias_correction2 != 1.0,
                      has_wd=weight_decay != 0.0, alpha=alpha,
                      one_minus_alpha=1.0 - alpha, momentum=momentum, centered=bool(centered),
                      eps_in_sqrt=bool(eps_in_sqrt), maximize=bool(maximize),
                      has_momentum=momentum > 0.0)
-        _run(args, group)
+        _run(_compressed(args, ds, sr), group)
 
 
-def sf_interpolate(ps, zs, *, weight, p_outs=None) -> None:
-    rows = [(p.numel(), [p, z, p_outs[i] if p_outs is not None else None])
-            for i, (p, z) in enumerate(zip(ps, zs))]
-    for (dp, do), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][2]))):
-        _run(_Args(kind=2, dt_p=dp, dt_out=do, weight=weight), group)
+def sf_interpolate(ps, zs, *, weight, p_outs=None, remainders=None) -> None:
+    rows = _rows(ps, [ps, zs, p_outs], remainders, None)
+    for (dp, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][2]),
+                                                        r[1][1].dtype)):
+        _run(_compressed(_Args(kind=2, dt_p=dp, dt_out=do, weight=weight), ds, None), group)

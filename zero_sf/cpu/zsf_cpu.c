@@ -31,6 +31,8 @@ enum { F32 = 0, BF16 = 1, F16 = 2, NONE = 3 };
 typedef struct {
     void *p[6];
     int64_t n;
+    void *rem;    /* int16 remainders of a bf16 p[0] (exact fp32 y), or NULL */
+    int64_t base; /* global index of element 0 (stochastic rounding's counter) */
 } zsf_task;
 
 /* ------------------------------------------------------------ conversion */
@@ -47,6 +49,48 @@ static inline uint16_t f32_to_bf16(float f) {
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
     bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
     return (uint16_t)(bits >> 16);
+}
+
+/* ------------------------------------------- compressed state (spec.py) */
+static inline uint32_t mix32(uint32_t x) { /* Wellons' lowbias32 */
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+/* bf16 with stochastic rounding: the element's 16 random bits are added to
+ * the 16 dropped bits, then truncated (spec.round_stochastic). */
+static void store_sr(uint16_t *d, const float *src, int m, int64_t idx0, uint32_t key) {
+    for (int i = 0; i < m; i++) {
+        int64_t idx = idx0 + i;
+        uint32_t r = mix32(mix32((uint32_t)idx ^ key) ^ (uint32_t)((uint64_t)idx >> 32));
+        uint32_t bits;
+        memcpy(&bits, &src[i], 4);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) d[i] = f32_to_bf16(src[i]); /* NaN */
+        else d[i] = (uint16_t)((bits + (r & 0xffffu)) >> 16);
+    }
+}
+
+/* y = bf16 parameter + int16 remainder, exactly (spec.join_master/split_master) */
+static void load_joined(float *dst, const uint16_t *p, const int16_t *rem, int m) {
+    for (int i = 0; i < m; i++) {
+        uint32_t lo = (uint16_t)rem[i];
+        uint32_t hi = (uint16_t)(p[i] - (lo >= 0x8000u ? 1u : 0u));
+        uint32_t bits = (hi << 16) | lo;
+        memcpy(&dst[i], &bits, 4);
+    }
+}
+
+static void store_split(uint16_t *p, int16_t *rem, const float *src, int m) {
+    for (int i = 0; i < m; i++) {
+        uint32_t bits;
+        memcpy(&bits, &src[i], 4);
+        uint32_t lo = bits & 0xffffu;
+        p[i] = (uint16_t)((bits >> 16) + (lo >= 0x8000u ? 1u : 0u));
+        rem[i] = (int16_t)(uint16_t)lo;
+    }
 }
 
 static void load(float *dst, const void *src, int dt, int64_t off, int m) {
@@ -88,6 +132,10 @@ typedef struct {
     int centered, eps_in_sqrt, maximize, has_momentum;
     /* interpolate */
     float weight;
+    /* compressed state: dtype of the state tensors (F32 or BF16), stochastic
+     * rounding on/off and one key per state role (spec.ROLE_*) */
+    int dt_s, sr;
+    uint32_t key[5];
 } zsf_args;
 
 /* The loops below read every scalar into a local first (so the compiler
@@ -166,8 +214,31 @@ static float *in_place_or_load(float *scratch, void *src, int dt, int64_t off, i
     return scratch;
 }
 
+/* y (or p): joined with its remainder when it has one */
+static float *load_y(float *scratch, const zsf_task *k, int dt, int64_t off, int m) {
+    if (k->rem) {
+        load_joined(scratch, (const uint16_t *)k->p[0] + off, (const int16_t *)k->rem + off, m);
+        return scratch;
+    }
+    return in_place_or_load(scratch, k->p[0], dt, off, m);
+}
+
+static void store_y(const zsf_task *k, const float *y, int dt, int64_t off, int m) {
+    if (k->rem) store_split((uint16_t *)k->p[0] + off, (int16_t *)k->rem + off, y, m);
+    else if (dt != F32) store(k->p[0], y, dt, off, m);
+}
+
+/* a state tensor back to memory: in place (fp32), rounded stochastically or
+ * to nearest even (bf16) */
+static void store_state(const zsf_args *a, void *dst, const float *src, int role,
+                        const zsf_task *k, int64_t off, int m) {
+    if (a->dt_s == F32) return;
+    if (a->sr) store_sr((uint16_t *)dst + off, src, m, k->base + off, a->key[role]);
+    else store(dst, src, BF16, off, m);
+}
+
 static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int64_t lo, int64_t hi) {
-    float sp[BLOCK], sg[BLOCK], so[BLOCK];
+    float sp[BLOCK], sg[BLOCK], so[BLOCK], s1[BLOCK], s2[BLOCK], s3[BLOCK];
     int64_t base = 0;
     for (int t = 0; t < ntasks && base < hi; t++) {
         const zsf_task *k = &tasks[t];
@@ -175,28 +246,46 @@ static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int6
         for (int64_t off = s; off < e; off += BLOCK) {
             int m = (int)(e - off < BLOCK ? e - off : BLOCK);
             if (a->kind == 0) { /* y, g, z, v, out */
-                float *y = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
+                float *y = load_y(sp, k, a->dt_p, off, m);
                 float *g = in_place_or_load(sg, k->p[1], a->dt_g, off, m);
-                sf_block(a, y, g, (float *)k->p[2] + off, (float *)k->p[3] + off, m);
-                if (a->dt_p != F32) store(k->p[0], y, a->dt_p, off, m);
-                if (k->p[4]) store(k->p[4], y, a->dt_out, off, m);
+                float *z = in_place_or_load(s1, k->p[2], a->dt_s, off, m);
+                float *v = in_place_or_load(s2, k->p[3], a->dt_s, off, m);
+                sf_block(a, y, g, z, v, m);
+                store_state(a, k->p[2], z, 1, k, off, m); /* ROLE_Z */
+                store_state(a, k->p[3], v, 2, k, off, m); /* ROLE_V */
+                store_y(k, y, a->dt_p, off, m);
+                if (k->p[4]) {
+                    if (k->rem) memcpy((uint16_t *)k->p[4] + off, (uint16_t *)k->p[0] + off, (size_t)m * 2);
+                    else store(k->p[4], y, a->dt_out, off, m);
+                }
             } else if (a->kind == 1) { /* p, g, v, buf, gavg, out */
-                float *p = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
+                float *p = load_y(sp, k, a->dt_p, off, m);
                 float *g = in_place_or_load(sg, k->p[1], a->dt_g, off, m);
-                rms_block(a, p, g, (float *)k->p[2] + off,
-                          k->p[3] ? (float *)k->p[3] + off : NULL,
-                          k->p[4] ? (float *)k->p[4] + off : NULL, m);
-                if (a->dt_p != F32) store(k->p[0], p, a->dt_p, off, m);
-                if (k->p[5]) store(k->p[5], p, a->dt_out, off, m);
+                float *v = in_place_or_load(s1, k->p[2], a->dt_s, off, m);
+                float *b = k->p[3] ? in_place_or_load(s2, k->p[3], a->dt_s, off, m) : NULL;
+                float *ga = k->p[4] ? in_place_or_load(s3, k->p[4], a->dt_s, off, m) : NULL;
+                rms_block(a, p, g, v, b, ga, m);
+                store_state(a, k->p[2], v, 2, k, off, m);         /* ROLE_V */
+                if (b) store_state(a, k->p[3], b, 3, k, off, m);  /* ROLE_BUF */
+                if (ga) store_state(a, k->p[4], ga, 4, k, off, m); /* ROLE_GAVG */
+                store_y(k, p, a->dt_p, off, m);
+                if (k->p[5]) {
+                    if (k->rem) memcpy((uint16_t *)k->p[5] + off, (uint16_t *)k->p[0] + off, (size_t)m * 2);
+                    else store(k->p[5], p, a->dt_out, off, m);
+                }
             } else { /* p, z, out: p.lerp_(z, weight) */
-                float *p = in_place_or_load(sp, k->p[0], a->dt_p, off, m);
-                const float *z = (const float *)k->p[1] + off;
+                float *p = load_y(sp, k, a->dt_p, off, m);
+                const float *z = in_place_or_load(s1, k->p[1], a->dt_s, off, m);
                 const float w = a->weight, cw = fabsf(w) < 0.5f ? w : w - 1.0f;
                 const int from_p = fabsf(w) < 0.5f;
                 for (int i = 0; i < m; i++) so[i] = fmaf(cw, z[i] - p[i], from_p ? p[i] : z[i]);
-                if (a->dt_p == F32) memcpy(p, so, (size_t)m * 4);
+                if (k->rem) store_split((uint16_t *)k->p[0] + off, (int16_t *)k->rem + off, so, m);
+                else if (a->dt_p == F32) memcpy(p, so, (size_t)m * 4);
                 else store(k->p[0], so, a->dt_p, off, m);
-                if (k->p[2]) store(k->p[2], so, a->dt_out, off, m);
+                if (k->p[2]) {
+                    if (k->rem) memcpy((uint16_t *)k->p[2] + off, (uint16_t *)k->p[0] + off, (size_t)m * 2);
+                    else store(k->p[2], so, a->dt_out, off, m);
+                }
             }
         }
         base += k->n;

@@ -242,7 +242,44 @@ def _huge_runs(tag):
     F.sf_interpolate([y], [z], weight=0.5, p_outs=[out], backend="triton")
 
 
-RUNS = (_sf_runs, _rmsprop_runs, _zero_runs, _huge_runs)
+def _compressed_runs(tag):
+    """Compressed state (docs/design.md §11): bf16 state rounded
+    stochastically or to nearest, remainder masters, single-device and ZeRO."""
+    from ..optim import RMSProp, ScheduleFreeAdamW
+    from ..sharding import ZeroOptimizer
+
+    variants = [dict(state_dtype=torch.bfloat16), dict(state_dtype=torch.bfloat16,
+                                                       state_rounding="nearest"),
+                dict(master_weights="remainder"),
+                dict(state_dtype=torch.bfloat16, master_weights="remainder")]
+    for kw in variants:
+        tag[0] = f"ScheduleFreeAdamW(bf16, {kw})"
+        opt = ScheduleFreeAdamW(_params(torch.bfloat16), backend="triton", **kw)
+        opt.train()
+        opt.step()
+        opt.eval()
+        for mom, centered in itertools.product((0, 0.9), (False, True)):
+            tag[0] = f"RMSProp(bf16, momentum={mom}, centered={centered}, {kw})"
+            RMSProp(_params(torch.bfloat16), momentum=mom, centered=centered, bias_correction=True,
+                    backend="triton", **kw).step()
+    tag[0] = "ScheduleFreeAdamW(fp32, state_dtype=bf16)"
+    opt = ScheduleFreeAdamW(_params(torch.float32), backend="triton", state_dtype=torch.bfloat16)
+    opt.train()
+    opt.step()
+    for cls in (ScheduleFreeAdamW, RMSProp):
+        tag[0] = f"ZeroOptimizer({cls.__name__}, bf16, state_dtype=bf16, master_weights=remainder)"
+        model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 3)).bfloat16()
+        opt = ZeroOptimizer(model.parameters(), cls, backend="triton", state_dtype=torch.bfloat16,
+                            master_weights="remainder")
+        if cls is ScheduleFreeAdamW:
+            opt.train()
+        model(torch.zeros(2, 40, dtype=torch.bfloat16)).sum().backward()
+        opt.step()
+        if cls is ScheduleFreeAdamW:
+            opt.eval()
+
+
+RUNS = (_sf_runs, _rmsprop_runs, _zero_runs, _huge_runs, _compressed_runs)
 
 
 def collect() -> list[Specialization]:

@@ -85,28 +85,69 @@ def _buckets(roles: Roles):
     return buckets.values()
 
 
-def _launch(flat_kernel, multi_kernel, roles: Roles, **kwargs) -> None:
+def _i32(x: int) -> int:
+    """The low 32 bits of x as a signed int (an i32 kernel argument)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _counters(base: int, keys: Sequence[int]) -> dict:
+    """The flat kernels' counter arguments: the element index base as two
+    i32 halves, and three rounding keys (0 where unused)."""
+    keys = list(keys) + [0] * (3 - len(keys))
+    return dict(base_lo=_i32(base), base_hi=_i32(base >> 32),
+                key_a=_i32(keys[0]), key_b=_i32(keys[1]), key_c=_i32(keys[2]))
+
+
+def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compressed: dict,
+            **kwargs) -> None:
     """Run a kernel over every tensor index of ``roles`` (role 0 is always
-    present; ``None`` roles are absent and replaced by role 0's pointer)."""
+    present; ``None`` roles are absent and replaced by role 0's pointer).
+    The multi-tensor kernel takes the first ``multi_roles`` roles; the flat
+    kernel all of them (the remainders come last).
+
+    ``compressed``: ``HAS_REM``/``SR`` and, for SR, ``bases`` (each tensor's
+    first global element index) and ``keys``.  A compressed step launches the
+    flat kernel once per tensor (its counter base is a per-launch argument):
+    one launch per ZeRO bucket chunk; a single-device optimizer's small
+    parameters are not batched in that mode."""
+    own_only = compressed["HAS_REM"] or compressed["SR"]
+    bases = compressed.get("bases")
+    flat_consts = dict(HAS_REM=compressed["HAS_REM"], SR=compressed["SR"])
     for index in _buckets(roles):
-        own = [i for i in index if roles[0][i].numel() >= _OWN_LAUNCH_NUMEL]
-        batched = [i for i in index if roles[0][i].numel() < _OWN_LAUNCH_NUMEL]
+        own = [i for i in index if own_only or roles[0][i].numel() >= _OWN_LAUNCH_NUMEL]
+        batched = [i for i in index if i not in set(own)]
         if len(batched) == 1:
             own, batched = own + batched, []
         for i in own:
             n = roles[0][i].numel()
+            if n == 0:
+                continue
             ptrs = [(r[i] if r is not None else roles[0][i]) for r in roles]
+            counters = _counters(bases[i] if bases is not None else 0, compressed.get("keys", ()))
             flat_kernel[(triton.cdiv(n, BLOCK),)](
-                *ptrs, n, **kwargs, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+                *ptrs, n, **kwargs, **counters, **flat_consts, BLOCK=BLOCK, **LAUNCH_OPTIONS)
         if batched:
-            device = roles[0][batched[0]].device
-            tables, chunks, numels = _chunk_table(roles, batched, device)
+            mroles = roles[:multi_roles]
+            device = mroles[0][batched[0]].device
+            tables, chunks, numels = _chunk_table(mroles, batched, device)
             tables = [t if t is not None else tables[0] for t in tables]
-            likes = [(r[batched[0]] if r is not None else roles[0][batched[0]]) for r in roles]
+            likes = [(r[batched[0]] if r is not None else mroles[0][batched[0]]) for r in mroles]
             for full, (chunk_tensor, chunk_start) in chunks.items():
                 multi_kernel[(chunk_tensor.numel(),)](
                     *tables, *likes, chunk_tensor, chunk_start, numels,
                     **kwargs, FULL=full, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+
+
+def _compressed(remainders, sr, index_bases, state_dtype, roles: Sequence[int]) -> dict:
+    from ..spec import sr_key
+
+    has_rem = remainders is not None
+    on = sr is not None and state_dtype == torch.bfloat16
+    out = dict(HAS_REM=has_rem, SR=on)
+    if on:
+        out.update(bases=list(index_bases), keys=[sr_key(sr[0], sr[1], r) for r in roles])
+    return out
 
 
 def _floats(**scalars) -> dict:
@@ -117,22 +158,34 @@ def _floats(**scalars) -> dict:
     return {k: float(v) for k, v in scalars.items()}
 
 
-def _by_output(roles: Roles, out_role: int):
-    """Split on whether tensor i has an output copy (a per-launch constexpr):
-    yields (roles restricted to those indices, has_output)."""
-    outs = roles[out_role]
+def _partition(roles: Roles, out_role: int, state_role: int, rem_role: int):
+    """Split the tensor indices on what is a per-launch constant: whether
+    tensor i has an output copy, its state dtype (SR applies to bf16 state
+    only) and whether it has a remainder.  Yields (roles restricted to those
+    indices, the indices, has_output, state dtype); absent roles are None."""
     n = len(roles[0])
-    for has in (True, False):
-        index = [i for i in range(n) if (outs is not None and outs[i] is not None) == has]
-        if index:
-            yield [None if r is None or (k == out_role and not has) else [r[i] for i in index]
-                   for k, r in enumerate(roles)], has
+    at = lambda r, i: r[i] if r is not None else None
+    keys: dict = {}
+    for i in range(n):
+        k = (at(roles[out_role], i) is not None, roles[state_role][i].dtype,
+             at(roles[rem_role], i) is not None)
+        keys.setdefault(k, []).append(i)
+    for (has_out, sdt, has_rem), index in keys.items():
+        drop = {out_role} if not has_out else set()
+        drop |= {rem_role} if not has_rem else set()
+        yield ([None if r is None or k in drop else [r[i] for i in index]
+                for k, r in enumerate(roles)], index, has_out, sdt)
 
 
 def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
-             bias_correction2, eps, weight_decay, grad_scale) -> None:
-    for roles, has_out in _by_output([ys, grads, zs, vs, y_outs], 4):
-        _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles,
+             bias_correction2, eps, weight_decay, grad_scale, remainders=None, sr=None,
+             index_bases=None) -> None:
+    from ..spec import ROLE_V, ROLE_Z
+
+    for roles, index, has_out, sdt in _partition([ys, grads, zs, vs, y_outs, remainders], 4, 3, 5):
+        bases = [index_bases[i] for i in index] if index_bases is not None else None
+        _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles, multi_roles=5,
+                compressed=_compressed(roles[5], sr, bases, sdt, (ROLE_Z, ROLE_V)),
                 **_floats(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                           bias_correction2=bias_correction2, eps=eps,
                           weight_decay=weight_decay, grad_scale=grad_scale),
@@ -141,11 +194,16 @@ def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
 
 def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs,
             lr, alpha, eps, weight_decay, momentum, centered, bias_correction2,
-            eps_in_sqrt, maximize, grad_scale) -> None:
-    roles = [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
-             grad_avgs if centered else None, param_outs]
-    for roles, has_out in _by_output(roles, 5):
-        _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles,
+            eps_in_sqrt, maximize, grad_scale, remainders=None, sr=None,
+            index_bases=None) -> None:
+    from ..spec import ROLE_BUF, ROLE_GAVG, ROLE_V
+
+    roles_all = [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
+                 grad_avgs if centered else None, param_outs, remainders]
+    for roles, index, has_out, sdt in _partition(roles_all, 5, 2, 6):
+        bases = [index_bases[i] for i in index] if index_bases is not None else None
+        _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles, multi_roles=6,
+                compressed=_compressed(roles[6], sr, bases, sdt, (ROLE_V, ROLE_BUF, ROLE_GAVG)),
                 **_floats(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                           bias_correction2=bias_correction2, momentum=momentum,
                           grad_scale=grad_scale), HAS_WD=weight_decay != 0.0,
@@ -154,11 +212,15 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
                 BIAS_CORRECTION=bias_correction2 != 1.0, HAS_POUT=has_out)
 
 
-def sf_interpolate(ps, zs, *, weight, p_outs) -> None:
+def sf_interpolate(ps, zs, *, weight, p_outs, remainders=None) -> None:
     # Runs once per train()/eval() switch, not per step: one flat launch per
     # tensor is fine here.
     for i, p in enumerate(ps):
         out = p_outs[i] if p_outs is not None else None
+        rem = remainders[i] if remainders is not None else None
+        if p.numel() == 0:
+            continue
         K.interpolate_flat_kernel[(triton.cdiv(p.numel(), BLOCK),)](
-            p, zs[i], out if out is not None else p, p.numel(), float(weight), HAS_POUT=out is not None,
+            p, zs[i], out if out is not None else p, rem if rem is not None else p, p.numel(),
+            float(weight), HAS_POUT=out is not None, HAS_REM=rem is not None,
             BLOCK=BLOCK, **LAUNCH_OPTIONS)

@@ -32,6 +32,78 @@ def _round(x, ptr):
 
 
 @triton.jit
+def _mix32(x):
+    # Wellons' lowbias32 on uint32 (wrapping), as spec.mix32
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _index(offs, base_lo, base_hi):
+    """Global element indices (int64): the base arrives as two i32 halves so
+    that its value never changes the kernel's signature."""
+    base = (base_hi.to(tl.int64) << 32) | base_lo.to(tl.uint32, bitcast=True).to(tl.int64)
+    return base + offs
+
+
+@triton.jit
+def _store_sr(ptr, offs, x, mask, idx, key):
+    """x (fp32) into a bf16 ptr with stochastic rounding (spec.round_stochastic):
+    16 random bits of mix32(mix32(lo32(idx) ^ key) ^ hi32(idx)) added to the
+    dropped bits, then truncated; NaN stays NaN."""
+    k = key.to(tl.uint32, bitcast=True)
+    r = _mix32(_mix32(idx.to(tl.uint32) ^ k) ^ (idx >> 32).to(tl.uint32))
+    bits = x.to(tl.uint32, bitcast=True)
+    out = ((bits + (r & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    out = tl.where(x != x, _round(x, ptr), out)
+    tl.store(ptr + offs, out, mask=mask)
+
+
+@triton.jit
+def _store_state(ptr, offs, x, mask, idx, key, SR: tl.constexpr):
+    if SR:
+        _store_sr(ptr, offs, x, mask, idx, key)
+    else:
+        _store(ptr, offs, x, mask)
+
+
+@triton.jit
+def _load_y(ptr, rem_ptr, offs, mask, HAS_REM: tl.constexpr):
+    """The exact fp32 y of a bf16 parameter and its int16 remainder
+    (spec.join_master), or the parameter widened."""
+    if HAS_REM:
+        if mask is None:
+            p = tl.load(ptr + offs)
+            r = tl.load(rem_ptr + offs)
+        else:
+            p = tl.load(ptr + offs, mask=mask, other=0.0)
+            r = tl.load(rem_ptr + offs, mask=mask, other=0)
+        lo = r.to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = p.to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = (hi - (lo >> 15)) & 0xFFFF
+        y = ((hi << 16) | lo).to(tl.float32, bitcast=True)
+    else:
+        y = _load(ptr, offs, mask)
+    return y
+
+
+@triton.jit
+def _store_y(ptr, rem_ptr, offs, y, mask, HAS_REM: tl.constexpr):
+    """y back: split into bf16 parameter + int16 remainder (spec.split_master)."""
+    if HAS_REM:
+        bits = y.to(tl.uint32, bitcast=True)
+        lo = bits & 0xFFFF
+        hi = ((bits >> 16) + (lo >> 15)) & 0xFFFF
+        tl.store(ptr + offs, hi.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(rem_ptr + offs, lo.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        _store(ptr, offs, y, mask)
+
+
+@triton.jit
 def _load(ptr, offs, mask):
     # mask None: a full chunk, no predication (lets the loads vectorize).
     if mask is None:
@@ -147,35 +219,45 @@ def _ptr(table_ptr, t, like_ptr, FULL: tl.constexpr):
 @triton.jit
 def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
                    lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                   grad_scale, HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr):
+                   grad_scale, HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
+                   rem_ptr=None, idx=None, key_z=None, key_v=None,
+                   HAS_REM: tl.constexpr = False, SR: tl.constexpr = False):
     g = _load(g_ptr, offs, mask)
-    y = _load(y_ptr, offs, mask)
+    y = _load_y(y_ptr, rem_ptr, offs, mask, HAS_REM)
     z = _load(z_ptr, offs, mask)
     v = _load(v_ptr, offs, mask)
     y, z, v = _sf_adamw_math(g, y, z, v, lr, ck, y_coef, beta2, bias_correction2,
                              eps, weight_decay, grad_scale, HAS_WD)
-    _store(y_ptr, offs, y, mask)
-    _store(z_ptr, offs, z, mask)
-    _store(v_ptr, offs, v, mask)
+    _store_y(y_ptr, rem_ptr, offs, y, mask, HAS_REM)
+    _store_state(z_ptr, offs, z, mask, idx, key_z, SR)
+    _store_state(v_ptr, offs, v, mask, idx, key_v, SR)
     if HAS_YOUT:
         _store(yout_ptr, offs, y, mask)
 
 
-@triton.jit
-def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, n,
+# The counter's base and the rounding keys are i32 arguments that are never
+# specialized: their values change every step and must not compile variants.
+_COUNTERS = ["base_lo", "base_hi", "key_a", "key_b", "key_c"]
+
+
+@triton.jit(do_not_specialize=_COUNTERS)
+def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, rem_ptr, n,
                          lr, ck, y_coef, beta2, bias_correction2, eps,
-                         weight_decay, grad_scale,
+                         weight_decay, grad_scale, base_lo, base_hi, key_a, key_b, key_c,
                          HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
+                         HAS_REM: tl.constexpr, SR: tl.constexpr,
                          BLOCK: tl.constexpr):
+    # key_a: z's stream, key_b: v's (key_c unused)
     offs, mask, full = _flat_offsets(n, BLOCK)
+    idx = _index(offs, base_lo, base_hi)
     if full:
         _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, None,
                        lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                       grad_scale, HAS_WD, HAS_YOUT)
+                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, key_b, HAS_REM, SR)
     else:
         _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
                        lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                       grad_scale, HAS_WD, HAS_YOUT)
+                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, key_b, HAS_REM, SR)
 
 
 @triton.jit
@@ -204,9 +286,10 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                   grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                   EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                  HAS_POUT: tl.constexpr):
+                  HAS_POUT: tl.constexpr, rem_ptr=None, idx=None, key_v=None, key_buf=None,
+                  key_gavg=None, HAS_REM: tl.constexpr = False, SR: tl.constexpr = False):
     g = _load(g_ptr, offs, mask)
-    p = _load(p_ptr, offs, mask)
+    p = _load_y(p_ptr, rem_ptr, offs, mask, HAS_REM)
     v = _load(v_ptr, offs, mask)
     buf = v  # placeholders when the option is off (never stored)
     gavg = v
@@ -218,34 +301,40 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                                     weight_decay, bias_correction2, momentum,
                                     grad_scale, HAS_WD, MAXIMIZE, MOMENTUM,
                                     CENTERED, EPS_IN_SQRT, BIAS_CORRECTION)
-    _store(p_ptr, offs, p, mask)
-    _store(v_ptr, offs, v, mask)
+    _store_y(p_ptr, rem_ptr, offs, p, mask, HAS_REM)
+    _store_state(v_ptr, offs, v, mask, idx, key_v, SR)
     if MOMENTUM:
-        _store(buf_ptr, offs, buf, mask)
+        _store_state(buf_ptr, offs, buf, mask, idx, key_buf, SR)
     if CENTERED:
-        _store(gavg_ptr, offs, gavg, mask)
+        _store_state(gavg_ptr, offs, gavg, mask, idx, key_gavg, SR)
     if HAS_POUT:
         _store(pout_ptr, offs, p, mask)
 
 
-@triton.jit
-def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, n,
+@triton.jit(do_not_specialize=_COUNTERS)
+def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, rem_ptr, n,
                         lr, alpha, eps, weight_decay, bias_correction2, momentum,
-                        grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        grad_scale, base_lo, base_hi, key_a, key_b, key_c,
+                        HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                         MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                         EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                        HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_POUT: tl.constexpr, HAS_REM: tl.constexpr, SR: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # key_a: v's stream, key_b: the momentum buffer's, key_c: grad_avg's
     offs, mask, full = _flat_offsets(n, BLOCK)
+    idx = _index(offs, base_lo, base_hi)
     if full:
         _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, None,
                       lr, alpha, eps, weight_decay, bias_correction2, momentum,
                       grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                      BIAS_CORRECTION, HAS_POUT)
+                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b, key_c,
+                      HAS_REM, SR)
     else:
         _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                       lr, alpha, eps, weight_decay, bias_correction2, momentum,
                       grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                      BIAS_CORRECTION, HAS_POUT)
+                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b, key_c,
+                      HAS_REM, SR)
 
 
 @triton.jit
@@ -277,21 +366,23 @@ def rmsprop_multi_kernel(p_tab, g_tab, v_tab, buf_tab, gavg_tab, pout_tab,
 
 
 @triton.jit
-def _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, mask, weight, HAS_POUT: tl.constexpr):
-    p = _load(p_ptr, offs, mask)
+def _interpolate_body(p_ptr, z_ptr, pout_ptr, rem_ptr, offs, mask, weight,
+                      HAS_POUT: tl.constexpr, HAS_REM: tl.constexpr):
+    p = _load_y(p_ptr, rem_ptr, offs, mask, HAS_REM)
     z = _load(z_ptr, offs, mask)
     p = _lerp(p, z, weight)
-    _store(p_ptr, offs, p, mask)
+    _store_y(p_ptr, rem_ptr, offs, p, mask, HAS_REM)
     if HAS_POUT:
         _store(pout_ptr, offs, p, mask)
 
 
 @triton.jit
-def interpolate_flat_kernel(p_ptr, z_ptr, pout_ptr, n, weight,
-                            HAS_POUT: tl.constexpr, BLOCK: tl.constexpr):
+def interpolate_flat_kernel(p_ptr, z_ptr, pout_ptr, rem_ptr, n, weight,
+                            HAS_POUT: tl.constexpr, HAS_REM: tl.constexpr,
+                            BLOCK: tl.constexpr):
     # p <- p + weight (z - p): y -> x with weight 1-1/b1, x -> y with 1-b1.
     offs, mask, full = _flat_offsets(n, BLOCK)
     if full:
-        _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, None, weight, HAS_POUT)
+        _interpolate_body(p_ptr, z_ptr, pout_ptr, rem_ptr, offs, None, weight, HAS_POUT, HAS_REM)
     else:
-        _interpolate_body(p_ptr, z_ptr, pout_ptr, offs, mask, weight, HAS_POUT)
+        _interpolate_body(p_ptr, z_ptr, pout_ptr, rem_ptr, offs, mask, weight, HAS_POUT, HAS_REM)

@@ -17,11 +17,55 @@ from ..functional import check_backend, is_dtensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def state_dtype_for(p: Tensor) -> torch.dtype:
-    """State (z, v, ...) is fp32 for bf16/fp16 parameters: a bf16 v loses the
-    1-b2 = 1e-3 increments entirely (bf16 has 8 bits of mantissa), and a bf16
-    z drops any update below 2**-8 of its magnitude.  Otherwise the param's dtype."""
+def state_dtype_for(p: Tensor, group: Optional[dict] = None) -> torch.dtype:
+    """The dtype of p's state tensors (z, v, ...).  ``group["state_dtype"]``
+    when set ("float32" or "bfloat16", the ``state_dtype`` argument).  By
+    default fp32 for bf16/fp16 parameters: a bf16 v rounded to nearest loses
+    the 1-b2 = 1e-3 increments entirely (bf16 has 8 bits of mantissa), and a
+    bf16 z drops any update below 2**-9 of its magnitude, which is why bf16
+    state is rounded stochastically.  Otherwise the param's dtype."""
+    name = group.get("state_dtype") if group is not None else None
+    if name is not None:
+        return getattr(torch, name)
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+# -- compressed state (docs/design.md §11) ----------------------------------
+STATE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                "float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16": "bfloat16"}
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def state_dtype_name(value: Any) -> Optional[str]:
+    """``state_dtype`` as stored in the param groups: None (the default
+    rule), "float32" or "bfloat16" (a string, so groups stay JSON: the
+    sharded checkpoint's metadata and DeepSpeed configs hold them)."""
+    if value is None:
+        return None
+    try:
+        return STATE_DTYPES[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"Invalid state_dtype value: {value!r} (expected torch.float32 or "
+                         "torch.bfloat16, or the strings 'float32' / 'bfloat16')") from None
+
+
+def check_compression(group: dict[str, Any]) -> None:
+    """``state_dtype``, ``state_rounding``, ``master_weights``, ``seed``."""
+    if group.get("state_dtype") not in (None, "float32", "bfloat16"):
+        raise ValueError(f"Invalid state_dtype value: {group.get('state_dtype')!r} (expected "
+                         "torch.float32 or torch.bfloat16)")
+    if group.get("state_rounding") not in ROUNDINGS:
+        raise ValueError(f"Invalid state_rounding value: {group.get('state_rounding')!r} "
+                         f"(expected one of {ROUNDINGS})")
+    if group.get("master_weights") not in (None, "remainder"):
+        raise ValueError(f"Invalid master_weights value: {group.get('master_weights')!r} "
+                         "(expected None or 'remainder'; ZeroOptimizer also takes 'fp32')")
+    check_int("seed", group.get("seed"))
+
+
+def compression_defaults(state_dtype, state_rounding, master_weights, seed) -> dict[str, Any]:
+    return dict(state_dtype=state_dtype_name(state_dtype), state_rounding=state_rounding,
+                master_weights=master_weights, seed=seed)
 
 
 def host_float(value: Any) -> Any:
@@ -57,6 +101,24 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
         raise ValueError(f"Invalid {label}: {value}")
 
 
+def _local_offset(p: Tensor) -> int:
+    """Flat index of a DTensor's first local element in the full tensor
+    (dim-0 sharding); 0 for plain tensors."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and pl.dim != 0)
+           for pl in p.placements):
+        raise NotImplementedError(
+            f"stochastic rounding of a DTensor sharded as {tuple(p.placements)}: only dim-0 "
+            "sharding (FSDP2's Shard(0)) keeps a shard's elements contiguous in the full "
+            "parameter; use state_rounding='nearest' or fp32 state")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0] * math.prod(p.shape[1:]) if p.dim() > 0 else 0
+
+
 def check_int(name: str, value: Any, *, low: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= {low})")
@@ -71,6 +133,9 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self._outputs: dict[int, Tensor] = {}
         self._grads: dict[int, Tensor] = {}
         self._switch_hooks: list = []
+        self._bases: dict[int, int] = {}
+        self._versions: dict[int, int] = {}
+        self._writes_tracked_outside = False
 
     def add_switch_hook(self, hook) -> None:
         """Call ``hook()`` after every train()/eval() switch that changed the
@@ -82,14 +147,18 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
 
     # -- shard bindings (used by the sharded optimizer) --------------------
     def bind(self, param: Tensor, *, grad: Optional[Tensor] = None,
-             out: Optional[Tensor] = None) -> None:
+             out: Optional[Tensor] = None, index_base: Optional[int] = None) -> None:
         """Bind tensors to ``param`` in place of the usual attributes.
 
         ``grad``: read as ``param``'s gradient instead of ``param.grad`` (a
         bf16 gradient shard for a fp32 master shard: autograd forbids such a
         ``.grad``).  ``out``: after every update of ``param`` (step,
         train/eval switch) also write its value, rounded to ``out.dtype``,
-        into ``out`` in the same fused pass (the model's bf16 parameters)."""
+        into ``out`` in the same fused pass (the model's bf16 parameters).
+        ``index_base``: the global index of ``param``'s first element, for
+        stochastic rounding (a shard's position in the whole model).  A
+        bound optimizer leaves user writes to its owner (ZeroOptimizer
+        tracks them and clears the remainders they invalidate)."""
         for name, t in (("grad", grad), ("out", out)):
             if t is not None and t.shape != param.shape:
                 raise ValueError(f"{name} of shape {tuple(t.shape)} for a parameter of "
@@ -98,6 +167,68 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             self._grads[id(param)] = grad
         if out is not None:
             self._outputs[id(param)] = out
+        if index_base is not None:
+            self._bases[id(param)] = index_base
+        self._writes_tracked_outside = True
+
+    # -- compressed state ---------------------------------------------------
+    def _index_bases(self, params: list[Tensor]) -> list[int]:
+        """Global index of each param's first element for stochastic
+        rounding: its position in this optimizer's parameters taken in
+        ZeroOptimizer's flat-buffer order (param groups in order; within a
+        group by dtype, first appearance first; parameters that require
+        grad), so the random bits are the same at every world size.  A
+        DTensor's local shard (dim-0 sharding, FSDP2's) starts at its
+        offset in the full parameter."""
+        if self._bases:
+            return [self._bases[id(p)] for p in params]
+        bases, acc = {}, 0
+        for group in self.param_groups:
+            by_dtype: dict = {}
+            for p in group["params"]:
+                if p.requires_grad:
+                    by_dtype.setdefault(p.dtype, []).append(p)
+            for members in by_dtype.values():
+                for p in members:
+                    bases[id(p)] = acc
+                    acc += p.numel()
+        return [bases.get(id(p), 0) + _local_offset(p) for p in params]
+
+    @staticmethod
+    def _sr(group: dict[str, Any], step: int, params: list[Tensor]) -> Optional[tuple[int, int]]:
+        """``(seed, step)`` when this group's state is rounded stochastically."""
+        if group.get("state_rounding", "stochastic") != "stochastic":
+            return None
+        if not any(state_dtype_for(p, group) == torch.bfloat16 for p in params):
+            return None
+        return (group.get("seed", 0), step)
+
+    def _remainders(self, params: list[Tensor], group: dict[str, Any]) -> Optional[list[Tensor]]:
+        """The int16 remainders of ``params`` (``master_weights="remainder"``),
+        created as zeros (y = the bf16 parameter).  A parameter the user wrote
+        since our last write (``model.load_state_dict``, ``p.copy_``: its
+        version counter moved) restarts from its new value: its remainder is
+        zeroed, so y is exactly what was written."""
+        if group.get("master_weights") != "remainder":
+            return None
+        out = []
+        for p in params:
+            state = self.state[p]
+            rem = state.get("remainder")
+            if rem is None:
+                rem = state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
+            elif (not self._writes_tracked_outside
+                  and self._versions.get(id(p), p._version) != p._version):
+                rem.zero_()
+            out.append(rem)
+        return out
+
+    def _mark_written(self, params: list[Tensor]) -> None:
+        """Record the version counters after our own writes (a torch-path
+        update bumps them; the fused kernels write through pointers)."""
+        for p in params:
+            if "remainder" in self.state.get(p, {}):
+                self._versions[id(p)] = p._version
 
     def _outs(self, params: list[Tensor]) -> list[Tensor] | None:
         if not self._outputs:
@@ -109,6 +240,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "state_dtype" in param_group:
+            param_group["state_dtype"] = state_dtype_name(param_group["state_dtype"])
         params = param_group["params"]
         if isinstance(params, Tensor):
             params = [params]
@@ -123,6 +256,14 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} supports real floating-point parameters only, "
                     f"got one of dtype {p.dtype}; for complex parameters optimize "
                     f"torch.view_as_real(p) instead")
+            if (merged.get("master_weights") == "remainder" and isinstance(p, Tensor)
+                    and p.dtype != torch.bfloat16):
+                raise ValueError(
+                    f"master_weights='remainder' needs bfloat16 parameters, got one of dtype "
+                    f"{p.dtype}: the remainder holds the 16 bits of a fp32 value that a bf16 "
+                    "parameter lacks (fp16 is not the top half of fp32); convert the model "
+                    "with model.bfloat16() before building the optimizer, or leave "
+                    "master_weights unset")
         super().add_param_group(param_group)
 
     def _closure_then_active_params(self, closure):
@@ -225,6 +366,9 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_outputs", {})
         self.__dict__.setdefault("_grads", {})
         self.__dict__.setdefault("_switch_hooks", [])
+        self.__dict__.setdefault("_bases", {})
+        self.__dict__.setdefault("_versions", {})
+        self.__dict__.setdefault("_writes_tracked_outside", False)
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
         # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
         for group in self.param_groups:
@@ -281,10 +425,24 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             saved = saved_state.get(old_id)
             if not isinstance(saved, dict):
                 continue
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             for key, value in saved.items():
-                if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype_for(p),
-                                                  copy=True)
+                if key == "remainder":
+                    # torch's load cast it to the param's dtype; the int16 bits are
+                    # the saved ones.  Without master_weights="remainder" it is
+                    # dropped: y is the bf16 parameter.
+                    if group.get("master_weights") == "remainder" and isinstance(value, Tensor):
+                        self.state[p][key] = value.to(device=p.device, dtype=torch.int16,
+                                                      copy=True)
+                    else:
+                        self.state[p].pop(key, None)
+                elif isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+                    # fp32 <-> bf16 state converts here (bf16 to nearest even)
+                    self.state[p][key] = value.to(device=p.device,
+                                                  dtype=state_dtype_for(p, group), copy=True)
             self.import_param_state(self.state[p])
+            # the parameter as it is now goes with the loaded remainder (resume:
+            # model.load_state_dict first, then the optimizer's, as torch and HF do)
+            self._mark_written([p])
         for post_hook in post.values():
             post_hook(self)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from .. import functional as F
 from ..spec import rms_bias_correction
-from ._base import ZeroSFOptimizer, check_number, host_float, state_dtype_for
+from ._base import (ZeroSFOptimizer, check_compression, check_number, compression_defaults,
+                    host_float, state_dtype_for)
 
 __all__ = ["RMSProp"]
 
@@ -31,7 +32,11 @@ class RMSProp(ZeroSFOptimizer):
     * ``eps_in_sqrt``: ``g / sqrt(v + eps)`` (optax's default) instead of
       ``g / (sqrt(v) + eps)``.
     * ``initial_scale``: initial value of ``v`` (optax's ``initial_scale``).
-    * ``backend``: ``"auto" | "torch" | "triton"``.
+    * ``backend``: ``"auto" | "torch" | "triton" | "cpu"``.
+    * ``state_dtype``, ``state_rounding``, ``master_weights``, ``seed``:
+      compressed state, as in :class:`ScheduleFreeAdamW` (every state tensor:
+      ``square_avg``, ``momentum_buffer``, ``grad_avg``; the counter is the
+      parameter's step).
 
     The step count ``state["step"]`` is torch's: a 0-dim fp32 tensor on the
     CPU (as ``torch.optim.RMSprop`` keeps it without ``capturable``), so state
@@ -61,12 +66,17 @@ class RMSProp(ZeroSFOptimizer):
         eps_in_sqrt: bool = False,
         initial_scale: float = 0.0,
         backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        state_rounding: str = "stochastic",
+        master_weights: Optional[str] = None,
+        seed: int = 0,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, capturable=capturable,
                         foreach=foreach, maximize=maximize, differentiable=differentiable,
                         bias_correction=bias_correction, eps_in_sqrt=eps_in_sqrt,
-                        initial_scale=initial_scale, backend=backend)
+                        initial_scale=initial_scale, backend=backend,
+                        **compression_defaults(state_dtype, state_rounding, master_weights, seed))
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -84,11 +94,12 @@ class RMSProp(ZeroSFOptimizer):
             if group[flag]:
                 raise ValueError(f"Invalid {flag} value: True (zero_sf.RMSProp does not support it)")
         F.check_backend(group["backend"])
+        check_compression(group)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         if len(state) == 0:
-            dtype = state_dtype_for(p)
+            dtype = state_dtype_for(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU: no device sync
             state["square_avg"] = torch.full_like(
                 p, group["initial_scale"], dtype=dtype, memory_format=torch.preserve_format)
@@ -133,7 +144,9 @@ class RMSProp(ZeroSFOptimizer):
                     bias_correction2=rms_bias_correction(group["alpha"], step) if group["bias_correction"] else 1.0,
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
                     grad_scale=grad_scale, param_outs=self._outs(ps),
-                    backend=group["backend"])
+                    remainders=self._remainders(ps, group), sr=self._sr(group, step, ps),
+                    index_bases=self._index_bases(ps), backend=group["backend"])
+                self._mark_written(ps)
         return loss
 
     def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from .. import functional as F
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
-from ._base import ZeroSFOptimizer, check_int, check_number, host_float, state_dtype_for
+from ._base import (ZeroSFOptimizer, check_compression, check_int, check_number,
+                    compression_defaults, host_float, state_dtype_for)
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -33,6 +34,7 @@ def validate_sf_group(group: dict[str, Any]) -> None:
     check_number("r", group["r"])
     check_number("weight_lr_power", group["weight_lr_power"])
     F.check_backend(group["backend"])
+    check_compression(group)
 
 
 def eval_mode_error(name: str) -> RuntimeError:
@@ -59,7 +61,24 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
     in eval mode raises ``RuntimeError``; bf16/fp16 parameters keep fp32
     ``z`` and ``exp_avg_sq`` (the parameter itself holds ``y`` in its own
     dtype; for a fp32 master copy of ``y`` use the sharded
-    :class:`zero_sf.ZeroOptimizer`).  ``foreach`` is accepted and ignored.
+    :class:`zero_sf.ZeroOptimizer`, or ``master_weights="remainder"``).
+    ``foreach`` is accepted and ignored.
+
+    Compressed state (docs/design.md §11; defaults change nothing):
+
+    * ``state_dtype``: ``torch.float32`` or ``torch.bfloat16`` for ``z`` and
+      ``exp_avg_sq`` (default: fp32 for bf16/fp16 params, else the param's
+      dtype).  Stored in the groups as the string ``"bfloat16"``.
+    * ``state_rounding``: ``"stochastic"`` (default; bf16 state is rounded
+      up with probability equal to the dropped fraction, from a hash of
+      ``(seed, step, element index)``: reproducible, and the same at any
+      world size) or ``"nearest"``.
+    * ``master_weights="remainder"`` (bf16 params): keep, per element, the
+      16 bits of the fp32 y that the bf16 parameter lacks (state key
+      ``remainder``, int16), so updates and train()/eval() run on the exact
+      fp32 y for 2 bytes per parameter.  A parameter written by the user
+      (``model.load_state_dict``) restarts from the written bf16 value.
+    * ``seed``: the stochastic rounding's seed.
     """
 
     def __init__(
@@ -75,11 +94,16 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         foreach: Optional[bool] = None,
         *,
         backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        state_rounding: str = "stochastic",
+        master_weights: Optional[str] = None,
+        seed: int = 0,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps,
                         train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
                         weight_lr_power=weight_lr_power, weight_decay=weight_decay,
-                        foreach=foreach, backend=backend)
+                        foreach=foreach, backend=backend,
+                        **compression_defaults(state_dtype, state_rounding, master_weights, seed))
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -105,7 +129,9 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             if ps:
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
-                                 p_outs=self._outs(ps), backend=group["backend"])
+                                 p_outs=self._outs(ps), remainders=self._remainders(ps, group),
+                                 backend=group["backend"])
+                self._mark_written(ps)
                 sharded += [p for p in ps if F.is_dtensor(p)]
             group["train_mode"] = to_train
         if sharded:  # FSDP2 must drop unsharded copies of the old values
@@ -128,8 +154,9 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
         state = self.state[p]
         if "z" not in state:
             # DTensor in, DTensor out: an FSDP2 parameter's state is sharded like it.
-            state["z"] = p.detach().to(state_dtype_for(p), copy=True)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype_for(p))
+            dtype = state_dtype_for(p, group)
+            state["z"] = p.detach().to(dtype, copy=True)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
@@ -161,7 +188,11 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                            y_coef=sc.y_coef, beta2=beta2,
                            bias_correction2=sc.bias_correction2, eps=group["eps"],
                            weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                           y_outs=self._outs(params), backend=group["backend"])
+                           y_outs=self._outs(params),
+                           remainders=self._remainders(params, group),
+                           sr=self._sr(group, group["k"], params),
+                           index_bases=self._index_bases(params), backend=group["backend"])
+                self._mark_written(params)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
                          scheduled_lr=sc.lr)
         return loss

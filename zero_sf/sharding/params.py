@@ -40,9 +40,12 @@ class FlatParams:
     """Flat parameter buffers, this rank's chunks of them, and fp32 masters."""
 
     def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
-                 process_group, device: torch.device, *, offload: bool = False) -> None:
+                 process_group, device: torch.device, *, offload: bool = False,
+                 master: bool = True) -> None:
         """``offload``: every buffer gets a fp32 master in host memory (fp32
-        models too), which the CPU update reads and writes."""
+        models too), which the CPU update reads and writes.  ``master=False``
+        (``master_weights="remainder"``): no fp32 copy; the optimizer updates
+        the bf16 chunks with their remainders."""
         self.params = params
         self.buffers = buffers
         self.rank = rank
@@ -64,7 +67,7 @@ class FlatParams:
                         self.slot_of[slot.index] = (bi, bk, slot.offset, slot.numel)
                 comm.broadcast_from_first(flat, process_group)  # as DDP does at start
                 self.flat.append(flat)
-                if state_dtype_for(flat) != flat.dtype or offload:
+                if (master and state_dtype_for(flat) != flat.dtype) or offload:
                     master = torch.cat([c.float() for c in self.param_chunks(bi)])
                     if offload:
                         from .offload import host_empty

@@ -41,6 +41,9 @@ from .params import FlatParams
 __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
 
 _HYPER_SKIP = ("params", "param_names")
+# How state is stored, not where training is: a checkpoint saved with fp32
+# state loads into bf16 state and back (converted), so these stay the loader's.
+_KEEP_ON_LOAD = ("state_dtype", "state_rounding", "master_weights", "backend")
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +73,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         align: each rank's chunk of a bucket is a multiple of this many elements.
         max_norm: if set, gradients are clipped to this global 2-norm in every
             step (or call :meth:`clip_grad_norm_` yourself before ``step()``).
+        master_weights: ``"fp32"`` (default: a fp32 master copy of this rank's
+            shard of every bf16/fp16 buffer, 4 B/param/N) or ``"remainder"``
+            (bf16 models: the 16 low bits of the fp32 y that the bf16
+            parameter lacks, 2 B/param/N, the same fp32 y bit for bit; the
+            model's bf16 weights are y rounded to nearest with ties away
+            from zero).  With ``state_dtype=torch.bfloat16`` a bf16 model
+            holds (2 + 2 + 2)/N bytes per parameter instead of 12/N
+            (docs/design.md §11).
         offload: ``"cpu"`` keeps this rank's fp32 master, ``z`` and
             ``exp_avg_sq`` in (pinned) host memory and runs the update on the
             CPU with the fused CPU backend (ZeRO-Offload); the gradient shard
@@ -89,16 +100,30 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer_class: type = ScheduleFreeAdamW, *,
                  stage: int = 2, process_group=None, bucket_numel: int = 1 << 24,
                  align: int = 128, max_norm: Optional[float] = None,
-                 offload: Optional[str] = None, **defaults) -> None:
+                 offload: Optional[str] = None, master_weights: str = "fp32",
+                 **defaults) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
         if offload not in (None, "none", "cpu"):
             raise ValueError(f"Invalid offload value: {offload!r} (expected None or 'cpu')")
         if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"Invalid max_norm value: {max_norm!r} (expected a positive float)")
+        if master_weights not in ("fp32", "remainder"):
+            raise ValueError(f"Invalid master_weights value: {master_weights!r} (expected "
+                             "'fp32' or 'remainder')")
+        remainder = master_weights == "remainder"
+        if remainder and offload == "cpu":
+            raise ValueError("offload='cpu' with master_weights='remainder' is not supported: "
+                             "offload keeps the fp32 master in host memory already; use one")
+        if "master_weights" in defaults:  # the inner optimizer's own (single-device) option
+            raise ValueError("pass master_weights='fp32' or 'remainder' to ZeroOptimizer (it "
+                             "owns the master weights)")
+        if remainder:
+            defaults["master_weights"] = "remainder"
         _check_process_group(process_group)
         # The inner class validates the hyperparameters and supplies its defaults.
-        full_defaults = optimizer_class([torch.zeros(1)], **defaults).defaults
+        dummy = torch.zeros(1, dtype=torch.bfloat16 if remainder else torch.float32)
+        full_defaults = optimizer_class([dummy], **defaults).defaults
         self._constructed = False
         super().__init__(params, full_defaults)
         self._constructed = True
@@ -115,13 +140,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._check_params()
+        self.master_weights = master_weights
+        if remainder:
+            for i, p in enumerate(self._params):
+                if p.requires_grad and p.dtype != torch.bfloat16:
+                    raise ValueError(
+                        f"master_weights='remainder' needs bfloat16 parameters, but parameter "
+                        f"{self._param_label(i)} is {p.dtype}; convert the model with "
+                        "model.bfloat16() before building the optimizer, or use "
+                        "master_weights='fp32'")
         self.buffers = build_layout(
             [[(self._index[id(p)], p.numel(), p.dtype) for p in g["params"] if p.requires_grad]
              for g in self.param_groups],
             world_size=self.world_size, bucket_numel=bucket_numel, align=align)
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
-                                  offload=self.offload)
+                                  offload=self.offload, master=not remainder)
         grads_cls = ShardedGrads if stage == 2 else FullGrads
         self.grads = grads_cls(self._params, self.buffers, self.rank, process_group, self.device,
                                self._missing_grad_error)
@@ -136,13 +170,30 @@ class ZeroOptimizer(torch.optim.Optimizer):
                       for c in self.weights.y_chunks[bi]]
             inner_groups.append({"params": chunks, **_hyper(group)})
         self.inner = optimizer_class(inner_groups, **defaults)
+        bases = self._chunk_bases()
         for bi in range(len(self.buffers)):
             low = self.weights.master[bi] is not None  # bf16 copy written by the kernel
             grads, outs = self.grads.chunks[bi], self.weights.param_chunks(bi)
             if self.staging is not None:  # the CPU update reads and writes host buffers
                 grads, outs = self.staging.grads[bi], self.staging.outs[bi]
-            for y, g, out in zip(self.weights.y_chunks[bi], grads, outs):
-                self.inner.bind(y, grad=g, out=out if low else None)
+            for y, g, out, base in zip(self.weights.y_chunks[bi], grads, outs, bases[bi]):
+                self.inner.bind(y, grad=g, out=out if low else None, index_base=base)
+
+    def _chunk_bases(self) -> list[list[int]]:
+        """Global index of this rank's first element of every bucket chunk,
+        for stochastic rounding: elements numbered in flat-buffer order
+        without the padding, which is how the single-device optimizer
+        numbers them (``ZeroSFOptimizer._index_bases``): the same random
+        bits at every world size.  (Padding elements reuse the next bucket's
+        numbers; their values are never read.)"""
+        out, acc = [], 0
+        for buf in self.buffers:
+            row = []
+            for b in buf.buckets:
+                row.append(acc + self.rank * b.chunk)
+                acc += sum(slot.numel for slot in b.slots)
+            out.append(row)
+        return out
 
     # ------------------------------------------------------------------ setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -214,14 +265,31 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def adopt_model_writes(self) -> None:
         """Bring weights the user wrote since our last write into the master
         (called by step, eval/train and checkpoints)."""
-        self._user_changed.update(self.weights.adopt_user_writes())
+        self._forget_remainders(self.weights.adopt_user_writes())
+
+    def _forget_remainders(self, changed: list[int]) -> None:
+        """Parameters the user wrote restart from the written bf16 values:
+        with ``master_weights="remainder"`` their remainders are zeroed (the
+        fp32 master keeps untouched elements' low bits instead)."""
+        self._user_changed.update(changed)
+        if self.master_weights != "remainder":
+            return
+        for i in changed:
+            own = self.weights.owned(i)
+            if own is None:
+                continue
+            bk, lo, hi = own
+            rem = self.inner.state.get(self.weights.y_chunks[self.weights.slot_of[i][0]][bk], {}
+                                       ).get("remainder")
+            if rem is not None:
+                rem[lo:hi].zero_()
 
     def sync_from_model(self) -> None:
         """Take the model's current values as the weights (into the fp32
         master), for writes the optimizer cannot see: ``p.data.copy_(...)``.
         Writes through the parameter (``load_state_dict``, ``nn.init``,
         ``p.copy_``) and ``p.data = ...`` are picked up automatically."""
-        self._user_changed.update(self.weights.adopt_user_writes(force=True))
+        self._forget_remainders(self.weights.adopt_user_writes(force=True))
 
     def _agreement(self) -> str:
         """What every rank must agree on at every step: the hyperparameters
@@ -340,7 +408,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._switch("train")
 
     # -------------------------------------------------------- checkpoints
-    def shard_pieces(self, *, y: bool = False):
+    def shard_pieces(self, *, y: bool = False, joined: Optional[dict] = None):
         """This rank's share of every parameter's optimizer tensors.
 
         Yields ``(param_index, start, length, tensors)``: ``tensors`` maps ``master``
@@ -349,31 +417,62 @@ class ZeroOptimizer(torch.optim.Optimizer):
         elementwise state key of the inner optimizer (``z``, ``exp_avg_sq`` ...)
         to 1-D views of elements ``[start, start + len)`` of the flattened
         parameter.  Bookkeeping only: the caller reads or writes the views.
+
+        With ``master_weights="remainder"`` the ``master`` is the exact fp32 y
+        joined from the bf16 chunk and its remainder into a new tensor (the
+        checkpoint format is the same either way); a caller that writes it
+        passes a dict as ``joined`` and then :meth:`store_master` (joined).
         """
+        from ..spec import join_master
+
         for bi, buf in enumerate(self.buffers):
-            for b, y_chunk in zip(buf.buckets, self.weights.y_chunks[bi]):
+            for bk, (b, y_chunk) in enumerate(zip(buf.buckets, self.weights.y_chunks[bi])):
                 a0, a1 = b.chunk_range(self.rank)
                 state = self.inner.state.get(y_chunk, {})
+                master = y_chunk if (y or self.weights.master[bi] is not None) else None
+                if self.master_weights == "remainder":
+                    rem = state.get("remainder")
+                    master = (join_master(y_chunk, rem) if rem is not None
+                              else y_chunk.float())
+                    if joined is not None:
+                        joined[(bi, bk)] = master
                 for slot in b.slots:
                     lo, hi = max(a0, slot.offset), min(a1, slot.offset + slot.numel)
                     if lo >= hi:
                         continue
                     cut = slice(lo - a0, hi - a0)
                     tensors = {k: v[cut] for k, v in state.items()
-                               if torch.is_tensor(v) and v.shape == y_chunk.shape}
-                    if y or self.weights.master[bi] is not None:
-                        tensors["master"] = y_chunk[cut]
+                               if torch.is_tensor(v) and v.shape == y_chunk.shape
+                               and k != "remainder"}
+                    if master is not None:
+                        tensors["master"] = master[cut]
                     yield slot.index, lo - slot.offset, hi - lo, tensors
+
+    @torch.no_grad()
+    def store_master(self, joined: dict) -> None:
+        """Split the fp32 y that :meth:`shard_pieces` joined (and a checkpoint
+        load wrote) back into the bf16 chunks and their remainders."""
+        from ..spec import split_master
+
+        for (bi, bk), y32 in joined.items():
+            chunk = self.weights.y_chunks[bi][bk]
+            state = self.inner.state[chunk]
+            if "remainder" not in state:
+                state["remainder"] = torch.zeros_like(chunk, dtype=torch.int16)
+            hi, lo = split_master(y32)
+            chunk.copy_(hi)
+            state["remainder"].copy_(lo)
 
     def ensure_state(self, keys) -> None:
         """Create the inner optimizer's elementwise state ``keys`` (zeros) where
         missing, so a checkpoint can be loaded before the first step."""
+        group_of = {id(y): g for g in self.inner.param_groups for y in g["params"]}
         for chunks in self.weights.y_chunks:
             for y in chunks:
                 st = self.inner.state[y]
                 for k in keys:
                     if k not in st:
-                        st[k] = torch.zeros_like(y, dtype=state_dtype_for(y))
+                        st[k] = torch.zeros_like(y, dtype=state_dtype_for(y, group_of[id(y)]))
 
     def scalar_state(self) -> list[dict[str, Any]]:
         """Per group: hyperparameters and step scalars, plus the inner
@@ -397,6 +496,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def load_scalar_state(self, scalars: list[dict[str, Any]]) -> None:
         for group, saved in zip(self.inner.param_groups, scalars):
             for k, v in saved["group"].items():  # JSON turned tuples (betas) into lists
+                if k in _KEEP_ON_LOAD:  # this optimizer's storage format, not the saved one
+                    continue
                 group[k] = tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v
             for y in group["params"]:
                 self.inner.state[y].update(saved["per_param"])
@@ -447,11 +548,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank actually holds, by role (measured from the tensors)."""
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
-        inner_state = [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]
+        inner_state = [v for s in self.inner.state.values() for k, v in s.items()
+                       if torch.is_tensor(v) and k != "remainder"]
+        remainders = [s["remainder"] for s in self.inner.state.values() if "remainder" in s]
         return {
             "params": nbytes(self.weights.flat),
             "grads": nbytes(self.grads.held()),
-            "master": nbytes(self.weights.master),
+            # fp32 master chunks, or the int16 remainders that stand for them
+            "master": nbytes(self.weights.master) + nbytes(remainders),
             "optimizer_state": nbytes(inner_state),
             # offload: host copies of the gradient shard and of y in the model's dtype
             "host_staging": self.staging.nbytes() if self.staging is not None else 0,
