@@ -34,6 +34,7 @@ def state_dtype_for(p: Tensor, group: Optional[dict] = None) -> torch.dtype:
 STATE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                 "float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16": "bfloat16"}
 ROUNDINGS = ("stochastic", "nearest")
+STORAGE_KEYS = ("state_dtype", "state_rounding", "master_weights")
 
 
 def state_dtype_name(value: Any) -> Optional[str]:
@@ -411,6 +412,10 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                 state_dict = result
         id_map = self._pair_saved_ids(state_dict)
         saved_state = state_dict["state"]
+        # How state is stored is this optimizer's choice, not the checkpoint's:
+        # a state dict saved with bf16 state loads into fp32 state (converted
+        # below) and back; torch's load would take the saved groups' values.
+        storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = type(pre)()
         self._optimizer_load_state_dict_post_hooks = type(post)()
@@ -419,6 +424,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
+        for group, keep in zip(self.param_groups, storage):
+            group.update(keep)
         # torch casts every floating state tensor to the param's dtype; keep
         # our fp32 state fp32 (it would round z and v to bf16 otherwise).
         for old_id, p in id_map.items():

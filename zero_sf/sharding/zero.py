@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
-from ..optim._base import host_float, state_dtype_for
+from ..optim._base import STORAGE_KEYS, host_float, state_dtype_for
 from . import comm
 from .grads import FullGrads, ShardedGrads
 from .layout import build_layout
@@ -43,7 +43,8 @@ __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
 _HYPER_SKIP = ("params", "param_names")
 # How state is stored, not where training is: a checkpoint saved with fp32
 # state loads into bf16 state and back (converted), so these stay the loader's.
-_KEEP_ON_LOAD = ("state_dtype", "state_rounding", "master_weights", "backend")
+# (and the backend: a checkpoint of a GPU run that named "triton" loads on a CPU)
+_KEEP_ON_LOAD = STORAGE_KEYS + ("backend",)
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
