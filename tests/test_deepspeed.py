@@ -188,6 +188,46 @@ def _refusals(rank, world_size):
     assert type(engine.optimizer.optimizer) is zero_sf.ScheduleFreeAdamW
 
 
+def _compressed(rank, world_size):
+    """state_dtype="bfloat16" through the config's params, ZeRO-1/2, fp32 and
+    bf16 models: z and exp_avg_sq are bf16 and equal, bit for bit, to the
+    single-process optimizer's; this needs zsd.initialize's numbering of the
+    partitions (with every rank's partition numbered from 0, rank 1 would
+    draw rank 0's random bits and round a third of its elements the other
+    way).  master_weights="remainder" is refused with DeepSpeed named."""
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    kw = dict(SF_KW, state_dtype="bfloat16")
+    for stage, bf16 in ((1, False), (2, True)):
+        cfg = _config(stage, bf16, 0.0)
+        cfg["optimizer"]["params"] = kw
+        model = Targets()
+        engine, *_ = zsd.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        zsd.train(engine)
+        _train(engine, rank, world_size, range(4))
+        init = [p.bfloat16() if bf16 else p for p in Targets().ps]
+        ref, master = averaged_reference(zero_sf.ScheduleFreeAdamW, kw, init, _targets,
+                                         [(range(4), world_size)])
+        basic = zsd._basic_optimizer(engine)
+        part = engine.optimizer.single_partition_of_fp32_groups[0]
+        n = part.numel()
+        for key in ("z", "exp_avg_sq"):
+            flat = torch.cat([ref.state[m][key].reshape(-1) for m in master])[rank * n:(rank + 1) * n]
+            got = basic.state[part][key]
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got[:flat.numel()].view(torch.int16), flat.view(torch.int16)), key
+        flat = torch.cat([m.detach().reshape(-1) for m in master])[rank * n:(rank + 1) * n]
+        torch.testing.assert_close(part[:flat.numel()], flat, rtol=0, atol=1e-6)
+    cfg = _config(2, True, 0.0)
+    cfg["optimizer"]["params"] = dict(SF_KW, master_weights="remainder")
+    with pytest.raises(ValueError, match="master_weights='remainder' cannot be used under DeepSpeed"):
+        zsd.initialize(model=Targets(), model_parameters=Targets().parameters(), config=cfg)
+
+
+def test_bf16_state_from_the_config_matches_single_process_bit_for_bit():
+    spawn(_compressed, 2)
+
+
 def _offload(rank, world_size, root):
     """ZeRO-Offload (offload_optimizer to the CPU, pinned or not) with our
     optimizers from the config and as client optimizers: the same numbers

@@ -79,6 +79,16 @@ def _is_ours(config: dict[str, Any], optimizer: Any) -> bool:
     return optimizer is None and (config.get("optimizer") or {}).get("type") in OPTIMIZERS
 
 
+def _asks_for_remainders(cfg: dict[str, Any], optimizer: Any) -> bool:
+    params = (cfg.get("optimizer") or {}).get("params") or {}
+    if optimizer is None and params.get("master_weights") not in (None, "fp32"):
+        return True
+    if isinstance(optimizer, ZeroSFOptimizer):
+        return any(g.get("master_weights") == "remainder" for g in optimizer.param_groups)
+    keywords = getattr(optimizer, "keywords", None) or {}  # functools.partial
+    return keywords.get("master_weights") == "remainder"
+
+
 def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
     """Validate a DeepSpeed config for use with a zero_sf optimizer and return
     a copy with ``zero_allow_untested_optimizer`` set.
@@ -103,6 +113,12 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
             "DeepSpeed wraps them in FP16_UnfusedOptimizer, which calls step() once with zero "
             "gradients at construction and would advance the Schedule-Free step counter; "
             "use zero_optimization.stage 1 or 2 (the same memory or less)")
+    if _asks_for_remainders(cfg, optimizer):
+        raise ValueError(
+            "master_weights='remainder' cannot be used under DeepSpeed: DeepSpeed keeps its own "
+            "fp32 master partitions and hands the optimizer those, not the bf16 weights; drop "
+            "master_weights (state_dtype='bfloat16' with stochastic rounding works here), or "
+            "use zero_sf.ZeroOptimizer(..., master_weights='remainder')")
     if zero.get("round_robin_gradients"):
         raise ValueError("zero_optimization.round_robin_gradients=true is not supported with "
                          "zero_sf optimizers (its layout depends on the world size)")
@@ -159,7 +175,29 @@ def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
     from .modes import resolve
 
     resolve(out[0])  # basic.eval()/train() now regather the model, whoever calls them
+    _bind_partition_bases(out[0])
     return out
+
+
+def _bind_partition_bases(engine) -> None:
+    """Number this rank's fp32 partition elements as the single-process
+    optimizer numbers the model's (group after group, parameters in order):
+    stochastic rounding of bf16 state then draws the same bits at every world
+    size.  DeepSpeed's partition r of a group's flat buffer starts at
+    r * partition size; its padding is at the end."""
+    zero = getattr(engine, "optimizer", None)
+    parts = getattr(zero, "single_partition_of_fp32_groups", None)
+    groups = getattr(zero, "bit16_groups", None)
+    if parts is None or groups is None or getattr(zero, "round_robin_gradients", False):
+        return
+    basic = _basic_optimizer(engine)
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group=getattr(zero, "dp_process_group", None))
+    acc = 0
+    for part, params in zip(parts, groups):
+        basic.bind(part, index_base=acc + rank * part.numel())
+        acc += sum(p.numel() for p in params)
 
 
 def _basic_optimizer(engine) -> ZeroSFOptimizer:
