@@ -281,6 +281,39 @@ def test_ddp_state_through_dcp_saved_at_2_loads_at_1():
         spawn(_load_continue, 1, root, "ddp")
 
 
+def _bf16_state_on_shards(rank, world_size):
+    """bf16 state with stochastic rounding on FSDP2 shards (issue #14): every
+    rank numbers its local rows by their offset in the full parameter, so
+    the state equals the single-process optimizer's bit for bit when both
+    see the same gradients (uneven shards: 7 rows over 2 or 3 ranks)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model, ref_model = _shard(_model()), _model()
+    kw = dict(KW, state_dtype=torch.bfloat16)
+    opt = zero_sf.ScheduleFreeAdamW(model.parameters(), **kw)
+    ref = zero_sf.ScheduleFreeAdamW(ref_model.parameters(), **kw)
+    opt.train(), ref.train()
+    params, ref_params = _sharded(opt), list(ref_model.parameters())
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(params, ref_params):
+            full = torch.randn(q.shape, generator=g)
+            q.grad = full.clone()
+            p.grad = distribute_tensor(full, p.device_mesh, p.placements)
+        opt.step(), ref.step()
+    for p, q in zip(params, ref_params):
+        for key in ("z", "exp_avg_sq"):
+            got = opt.state[p][key].full_tensor()
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got.view(torch.int16), ref.state[q][key].view(torch.int16)), key
+    torch.testing.assert_close(_full(params), [q.detach() for q in ref_params], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bf16_state_on_shards_matches_single_process_bit_for_bit(world_size):
+    spawn(_bf16_state_on_shards, world_size)
+
+
 def _hsdp_and_fresh_state_dict(rank, world_size):
     # HSDP: replicate across 2 groups, shard within each pair of ranks.
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
