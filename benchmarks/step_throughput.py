@@ -32,6 +32,9 @@ from zero_sf import functional as F  # noqa: E402
 from zero_sf.spec import sf_scalars  # noqa: E402
 
 MIN_BYTES = {"zero_sf_triton": 28, "zero_sf_cpu": 28, "zero_sf_torch": 28,
+             # compressed state (docs/design.md §11): read g, y, remainder, z, v, write
+             # y, remainder, z, v, 2 B each
+             "zero_sf_triton_compressed": 18, "zero_sf_cpu_compressed": 18,
              "schedulefree_foreach": 32, "torch_adamw_fused": 28, "deepspeed_cpu_adam": 28,
              "heavyball_sfadamw": 28, "copy": 28}
 
@@ -46,7 +49,15 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
               bias_correction2=sc.bias_correction2, eps=1e-8, weight_decay=0.01)
     fns = {}
     for m in methods:
-        if m.startswith("zero_sf"):
+        if m.endswith("_compressed"):  # a bf16 model's shard: bf16 y + remainder, bf16 z, v (SR)
+            from zero_sf.spec import split_master
+            y, rem = split_master(rnd(torch.float32))
+            grad, z, v = rnd(torch.bfloat16), rnd(torch.bfloat16), rnd(torch.bfloat16).abs()
+            backend = m[len("zero_sf_"):-len("_compressed")]
+            fn = lambda y=y, rem=rem, grad=grad, z=z, v=v, backend=backend: F.sf_adamw(
+                [y], [grad], [z], [v], remainders=[rem], sr=(0, 10), index_bases=[0],
+                backend=backend, **kw)
+        elif m.startswith("zero_sf"):
             y, z, v = rnd(torch.float32), rnd(torch.float32), rnd(torch.float32).abs()
             backend = m[len("zero_sf_"):]
             if device.type == "cuda":  # the ZeRO shard of a bf16 model
@@ -181,11 +192,11 @@ def main() -> None:
         sizes = [2**20, 2**22, 2**24, 2**26]
     methods = ["copy", "zero_sf_torch", "schedulefree_foreach", "torch_adamw_fused"]
     if device.type == "cuda" and F.triton_available():
-        methods.insert(1, "zero_sf_triton")
+        methods[1:1] = ["zero_sf_triton", "zero_sf_triton_compressed"]
     if device.type == "cpu":
         from zero_sf import cpu as zcpu
         if zcpu.available():
-            methods.insert(1, "zero_sf_cpu")
+            methods[1:1] = ["zero_sf_cpu", "zero_sf_cpu_compressed"]
         else:
             print(f"zero_sf_cpu: not measured ({zcpu.unavailable_reason()})")
         import importlib.util

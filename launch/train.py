@@ -122,6 +122,12 @@ def check_args(ap, args) -> None:
                      f"{args.save} to continue it, another --save directory, or --overwrite")
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected at least 1")
+    if args.optimizer == "adamw" and (args.state_dtype or args.master_weights != "fp32"):
+        ap.error("--state-dtype/--master-weights: zero_sf optimizers only, not adamw")
+    if args.master_weights == "remainder" and (args.fsdp or args.dtype == "fp32" or (
+            args.dtype is None and not torch.cuda.is_available())):
+        ap.error("--master-weights remainder needs a bf16 model: add --dtype bf16 (and no "
+                 "--fsdp, which keeps fp32 sharded parameters)")
 
 
 def steps_done(opt) -> int:
@@ -164,8 +170,6 @@ def compression(args, sharded: bool) -> dict:
 
 def build_optimizer(args, model, world):
     lr = args.lr
-    if args.optimizer == "adamw" and (args.state_dtype or args.master_weights != "fp32"):
-        raise SystemExit("--state-dtype/--master-weights: zero_sf optimizers only, not adamw")
     ckw = compression(args, args.optimizer.startswith("zero-"))
     if args.optimizer == "zero-sf":
         return zero_sf.ZeroScheduleFreeAdamW(model.parameters(), stage=args.stage,

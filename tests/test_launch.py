@@ -70,6 +70,8 @@ def _no_training(monkeypatch):
     # a sibling whose name extends it is not "inside" it
     (["--save", "{d}/old", "--resume", "{d}/old2"], "already holds a checkpoint"),
     (["--fsdp", "--optimizer", "zero-sf"], "--fsdp shards the model itself"),
+    (["--optimizer", "adamw", "--state-dtype", "bf16"], "zero_sf optimizers only"),
+    (["--master-weights", "remainder", "--dtype", "fp32"], "needs a bf16 model"),
 ])
 def test_argument_mistakes_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
     train = _no_training(monkeypatch)
@@ -80,6 +82,19 @@ def test_argument_mistakes_fail_before_training(tmp_path, monkeypatch, capsys, a
         train.main([a.format(d=tmp_path) for a in argv])
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "new").exists()
+
+
+def test_compressed_state_saves_and_resumes_into_the_default_format(tmp_path):
+    """--state-dtype bf16 --master-weights remainder on a bf16 model: the
+    optimizer holds bf16 state and int16 remainders; its checkpoint resumes
+    into a run with the default format (fp32 master and state)."""
+    import train
+    ckpt = str(tmp_path / "ckpt")
+    h = train.main(TINY + ["--dtype", "bf16", "--steps", "3", "--save", ckpt,
+                           "--state-dtype", "bf16", "--master-weights", "remainder"])
+    assert h["train"][-1][0] == 3
+    h = train.main(TINY + ["--dtype", "bf16", "--steps", "5", "--resume", ckpt])
+    assert h["resumed"][1] == 3 and [s for s, _ in h["train"]] == [4, 5]
 
 
 def test_resume_steps_and_overwrite(tmp_path, monkeypatch):
