@@ -155,6 +155,29 @@ def _interp_case(dtype, with_out):
     return f"sf_interpolate {_short(dtype)}{' (fp32 master + copy)' if with_out else ''}", run, RTOL
 
 
+def _compressed_case(interpolate: bool):
+    """A ZeRO shard of a bf16 model with compressed state (docs/design.md
+    §11): bf16 y + int16 remainder, bf16 z and v rounded stochastically."""
+    def run(device, backend):
+        from . import functional as F
+        from .spec import join_master, split_master
+
+        ts = [_inputs(17 + i, n, torch.float32, torch.bfloat16, device) for i, n in enumerate(SIZES)]
+        ys, rems = zip(*(split_master(t[0]) for t in ts))
+        zs = [t[2].bfloat16() for t in ts]
+        vs = [t[3].bfloat16() for t in ts]
+        F.sf_adamw(list(ys), [t[1] for t in ts], zs, vs, lr=1e-2, ck=0.3, y_coef=-7e-3,
+                   beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=0.1,
+                   grad_scale=0.5, remainders=list(rems), sr=(3, 2**33 + 5),
+                   index_bases=[2**32 - 500, 7, 0], backend=backend)
+        if interpolate:
+            F.sf_interpolate(list(ys), zs, weight=1 - 1 / 0.9, remainders=list(rems),
+                             backend=backend)
+        return [join_master(y, r) for y, r in zip(ys, rems)] + zs + vs
+    return (f"compressed ZeRO shard (bf16 y + remainder, bf16 state, stochastic rounding)"
+            f"{' + eval switch' if interpolate else ''}", run, RTOL)
+
+
 def _short(dtype) -> str:
     return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -171,6 +194,8 @@ def kernel_cases() -> list[tuple[str, Callable, float]]:
         _rmsprop_case(0.5, True, True, False, False, bf16),
         _interp_case(fp32, False),
         _interp_case(bf16, True),
+        _compressed_case(False),
+        _compressed_case(True),
     ]
 
 
