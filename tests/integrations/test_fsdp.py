@@ -285,28 +285,44 @@ def _bf16_state_on_shards(rank, world_size):
     """bf16 state with stochastic rounding on FSDP2 shards (issue #14): every
     rank numbers its local rows by their offset in the full parameter, so
     the state equals the single-process optimizer's bit for bit when both
-    see the same gradients (uneven shards: 7 rows over 2 or 3 ranks)."""
+    see the same gradients (uneven shards: 7 rows over 2 or 3 ranks).  Also
+    bf16 sharded parameters with remainder masters: the exact fp32 y too."""
     from torch.distributed.tensor import distribute_tensor
 
-    model, ref_model = _shard(_model()), _model()
-    kw = dict(KW, state_dtype=torch.bfloat16)
-    opt = zero_sf.ScheduleFreeAdamW(model.parameters(), **kw)
-    ref = zero_sf.ScheduleFreeAdamW(ref_model.parameters(), **kw)
-    opt.train(), ref.train()
-    params, ref_params = _sharded(opt), list(ref_model.parameters())
-    for step in range(3):
-        g = torch.Generator().manual_seed(step)
+    from zero_sf.spec import join_master
+
+    for dtype, extra in ((torch.float32, {}), (torch.bfloat16, dict(master_weights="remainder"))):
+        model, ref_model = _shard(_model().to(dtype)), _model().to(dtype)
+        kw = dict(KW, state_dtype=torch.bfloat16, **extra)
+        opt = zero_sf.ScheduleFreeAdamW(model.parameters(), **kw)
+        ref = zero_sf.ScheduleFreeAdamW(ref_model.parameters(), **kw)
+        opt.train(), ref.train()
+        params, ref_params = _sharded(opt), list(ref_model.parameters())
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p, q in zip(params, ref_params):
+                full = torch.randn(q.shape, generator=g).to(dtype)
+                q.grad = full.clone()
+                p.grad = distribute_tensor(full, p.device_mesh, p.placements)
+            opt.step(), ref.step()
+            if step == 1:
+                opt.eval(), ref.eval()
+                opt.train(), ref.train()
+        keys = ("z", "exp_avg_sq") + (("remainder",) if extra else ())
         for p, q in zip(params, ref_params):
-            full = torch.randn(q.shape, generator=g)
-            q.grad = full.clone()
-            p.grad = distribute_tensor(full, p.device_mesh, p.placements)
-        opt.step(), ref.step()
-    for p, q in zip(params, ref_params):
-        for key in ("z", "exp_avg_sq"):
-            got = opt.state[p][key].full_tensor()
-            assert got.dtype == torch.bfloat16
-            assert torch.equal(got.view(torch.int16), ref.state[q][key].view(torch.int16)), key
-    torch.testing.assert_close(_full(params), [q.detach() for q in ref_params], rtol=0, atol=1e-6)
+            for key in keys:
+                t = opt.state[p][key]
+                assert t.dtype == (torch.int16 if key == "remainder" else torch.bfloat16)
+                # (gloo and NCCL have no int16: gathered as int32 here)
+                got = (t.to(torch.int32).full_tensor().to(torch.int16) if key == "remainder"
+                       else t.full_tensor())
+                assert torch.equal(got.view(torch.int16), ref.state[q][key].view(torch.int16)), key
+            if extra:
+                rem = opt.state[p]["remainder"].to(torch.int32).full_tensor().to(torch.int16)
+                y = join_master(p.full_tensor(), rem)
+                assert torch.equal(y, join_master(q.detach(), ref.state[q]["remainder"]))
+        torch.testing.assert_close(_full(params), [q.detach() for q in ref_params], rtol=0,
+                                   atol=1e-6 if dtype == torch.float32 else 0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

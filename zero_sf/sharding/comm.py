@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -40,11 +41,15 @@ def reduce_scatter_sum(out: Tensor, inp: Tensor, group, async_op: bool = False):
 
 def all_gather(out: Tensor, inp: Tensor, group) -> None:
     """``out`` = concat of every rank's ``inp``.  ``inp`` may be the rank's own
-    slice of ``out`` (in place, as NCCL and gloo both allow)."""
+    slice of ``out`` (in place, as NCCL and gloo both allow).  int16 tensors
+    (remainder masters) travel as bf16 bit patterns: neither NCCL nor gloo
+    has a 16-bit integer type, and a gather only copies bits."""
     if not _active(group):
         if inp.data_ptr() != out.data_ptr():
             out.copy_(inp)
         return
+    if out.dtype == torch.int16:
+        out, inp = out.view(torch.bfloat16), inp.view(torch.bfloat16)
     _all_gather(out, inp, group=group)
 
 
