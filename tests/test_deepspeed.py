@@ -188,7 +188,7 @@ def _refusals(rank, world_size):
     assert type(engine.optimizer.optimizer) is zero_sf.ScheduleFreeAdamW
 
 
-def _compressed(rank, world_size):
+def _compressed(rank, world_size, root):
     """state_dtype="bfloat16" through the config's params, ZeRO-1/2, fp32 and
     bf16 models: z and exp_avg_sq are bf16 and equal, bit for bit, to the
     single-process optimizer's; this needs zsd.initialize's numbering of the
@@ -218,14 +218,32 @@ def _compressed(rank, world_size):
             assert torch.equal(got[:flat.numel()].view(torch.int16), flat.view(torch.int16)), key
         flat = torch.cat([m.detach().reshape(-1) for m in master])[rank * n:(rank + 1) * n]
         torch.testing.assert_close(part[:flat.numel()], flat, rtol=0, atol=1e-6)
+        # zsd.load_checkpoint keeps the loader's state dtype: bf16 -> bf16 exactly,
+        # bf16 -> an fp32-state engine as the exact upcast
+        folder = os.path.join(root, str(stage))
+        engine.save_checkpoint(folder)
+        saved = {k: basic.state[part][k].clone() for k in ("z", "exp_avg_sq")}
+        for load_kw in (kw, SF_KW):
+            cfg2 = _config(stage, bf16, 0.0)
+            cfg2["optimizer"]["params"] = load_kw
+            m2 = Targets()
+            e2, *_ = zsd.initialize(model=m2, model_parameters=m2.parameters(), config=cfg2)
+            zsd.load_checkpoint(e2, folder)
+            b2 = zsd._basic_optimizer(e2)
+            p2 = e2.optimizer.single_partition_of_fp32_groups[0]
+            assert b2.param_groups[0]["state_dtype"] == load_kw.get("state_dtype")
+            for k, v in saved.items():
+                got = b2.state[p2][k]
+                assert got.dtype == (torch.bfloat16 if load_kw is kw else torch.float32), k
+                assert torch.equal(got, v.to(got.dtype)), k
     cfg = _config(2, True, 0.0)
     cfg["optimizer"]["params"] = dict(SF_KW, master_weights="remainder")
     with pytest.raises(ValueError, match="master_weights='remainder' cannot be used under DeepSpeed"):
         zsd.initialize(model=Targets(), model_parameters=Targets().parameters(), config=cfg)
 
 
-def test_bf16_state_from_the_config_matches_single_process_bit_for_bit():
-    spawn(_compressed, 2)
+def test_bf16_state_from_the_config_matches_single_process_bit_for_bit(tmp_path):
+    spawn(_compressed, 2, str(tmp_path))
 
 
 def _offload(rank, world_size, root):

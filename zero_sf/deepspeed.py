@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from .optim import RMSProp, ScheduleFreeAdamW
-from .optim._base import ZeroSFOptimizer
+from .optim._base import STORAGE_KEYS, ZeroSFOptimizer, state_dtype_for
 
 __all__ = ["OPTIMIZERS", "register", "check_config", "initialize", "eval", "train",
            "load_checkpoint"]
@@ -309,14 +309,19 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
         lengths = [t.numel() for t in flats[i]]
         state_i = [sd["base_optimizer_state"]["state"].get(i, {}) for sd in sds]
         state = basic.state[part]
+        group = basic.param_groups[i]
         for key, value in state_i[0].items():
             if torch.is_tensor(value) and value.dim() > 0:
                 pieces = [s[key].reshape(-1)[:n] for s, n in zip(state_i, lengths)]
-                state[key] = cut(pieces, size).to(part.device)
+                # in this optimizer's state dtype (a bf16-state save loads into fp32
+                # state exactly, and fp32 into bf16 to nearest even)
+                state[key] = cut(pieces, size).to(part.device, state_dtype_for(part, group))
             else:
                 state[key] = value  # e.g. RMSProp's step count, equal on every rank
         basic.import_param_state(state)
-        basic.param_groups[i].update({k: v for k, v in saved_groups[i].items() if k != "params"})
+        # how state is stored stays this optimizer's choice, not the checkpoint's
+        group.update({k: v for k, v in saved_groups[i].items()
+                      if k != "params" and k not in STORAGE_KEYS + ("backend",)})
     if engine.optimizer is not basic:  # the fp32 partitions into the model's params
         engine.optimizer.update_lp_params()
     model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
