@@ -198,9 +198,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _sr(group: dict[str, Any], step: int, params: list[Tensor]) -> Optional[tuple[int, int]]:
         """``(seed, step)`` when this group's state is rounded stochastically."""
-        if group.get("state_rounding", "stochastic") != "stochastic":
-            return None
-        if not any(state_dtype_for(p, group) == torch.bfloat16 for p in params):
+        if (group.get("state_dtype") != "bfloat16"  # the default rule never gives bf16 state
+                or group.get("state_rounding", "stochastic") != "stochastic"):
             return None
         return (group.get("seed", 0), step)
 
@@ -224,9 +223,12 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             out.append(rem)
         return out
 
-    def _mark_written(self, params: list[Tensor]) -> None:
+    def _mark_written(self, params: list[Tensor], remainders=()) -> None:
         """Record the version counters after our own writes (a torch-path
-        update bumps them; the fused kernels write through pointers)."""
+        update bumps them; the fused kernels write through pointers), for
+        the parameters with remainders."""
+        if remainders is None or self._writes_tracked_outside:
+            return
         for p in params:
             if "remainder" in self.state.get(p, {}):
                 self._versions[id(p)] = p._version

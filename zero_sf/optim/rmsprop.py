@@ -134,6 +134,7 @@ class RMSProp(ZeroSFOptimizer):
                 by_step.setdefault(int(self.state[p]["step"]), []).append(p)
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
+                rems, sr = self._remainders(ps, group), self._sr(group, step, ps)
                 F.rmsprop(
                     ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
                     momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
@@ -144,9 +145,9 @@ class RMSProp(ZeroSFOptimizer):
                     bias_correction2=rms_bias_correction(group["alpha"], step) if group["bias_correction"] else 1.0,
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
                     grad_scale=grad_scale, param_outs=self._outs(ps),
-                    remainders=self._remainders(ps, group), sr=self._sr(group, step, ps),
-                    index_bases=self._index_bases(ps), backend=group["backend"])
-                self._mark_written(ps)
+                    remainders=rems, sr=sr, index_bases=self._index_bases(ps) if sr else None,
+                    backend=group["backend"])
+                self._mark_written(ps, rems)
         return loss
 
     def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -128,10 +128,11 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             ps = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if ps:
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
+                rems = self._remainders(ps, group)
                 F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
-                                 p_outs=self._outs(ps), remainders=self._remainders(ps, group),
+                                 p_outs=self._outs(ps), remainders=rems,
                                  backend=group["backend"])
-                self._mark_written(ps)
+                self._mark_written(ps, rems)
                 sharded += [p for p in ps if F.is_dtensor(p)]
             group["train_mode"] = to_train
         if sharded:  # FSDP2 must drop unsharded copies of the old values
@@ -183,16 +184,17 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                 self._init_state(p, group)
             if params:
                 states = [self.state[p] for p in params]
+                rems, sr = self._remainders(params, group), self._sr(group, group["k"], params)
                 F.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
                            [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
                            y_coef=sc.y_coef, beta2=beta2,
                            bias_correction2=sc.bias_correction2, eps=group["eps"],
                            weight_decay=group["weight_decay"], grad_scale=grad_scale,
                            y_outs=self._outs(params),
-                           remainders=self._remainders(params, group),
-                           sr=self._sr(group, group["k"], params),
-                           index_bases=self._index_bases(params), backend=group["backend"])
-                self._mark_written(params)
+                           remainders=rems, sr=sr,
+                           index_bases=self._index_bases(params) if sr else None,
+                           backend=group["backend"])
+                self._mark_written(params, rems)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
                          scheduled_lr=sc.lr)
         return loss
