@@ -218,3 +218,19 @@ def test_remainders_must_be_int16_and_shaped_like_bf16_parameters():
                    **kw)
     with pytest.raises(ValueError, match="needs index_bases"):
         F.sf_adamw([y], [grad], [z.bfloat16()], [v.bfloat16()], sr=(0, 1), **kw)
+
+
+def test_cpu_backend_rounds_blocks_that_cross_2_to_the_32_like_the_spec():
+    """The C loop takes the index's high half once per block, except for a
+    block that crosses a multiple of 2**32: that one goes element by element."""
+    cpu = pytest.importorskip("zero_sf.cpu")
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    for base in (2**32 - 700, 2**33 - 1, 5 * 2**32 + 3):
+        want = _case(3000, torch.bfloat16, True, seed=4)
+        got = [t.clone() if t is not None else None for t in want]
+        with exact_sqrt():
+            _sf(want, "torch", (1, 2), base=base)
+        _sf(got, "cpu", (1, 2), base=base)
+        for a, b in zip(got, want):
+            assert torch.equal(_bits(a), _bits(b)), base

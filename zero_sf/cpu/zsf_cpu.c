@@ -63,13 +63,22 @@ static inline uint32_t mix32(uint32_t x) { /* Wellons' lowbias32 */
 /* bf16 with stochastic rounding: the element's 16 random bits are added to
  * the 16 dropped bits, then truncated (spec.round_stochastic). */
 static void store_sr(uint16_t *d, const float *src, int m, int64_t idx0, uint32_t key) {
+    /* The index's high half is the same for the whole block unless the block
+     * crosses a multiple of 2**32: then element by element.  Otherwise the
+     * loop runs on 32-bit lanes only (twice the lanes of 64-bit ones). */
+    const uint64_t first = (uint64_t)idx0, last = first + (uint64_t)(m - 1);
+    if ((first >> 32) != (last >> 32)) {
+        for (int i = 0; i < m; i++) store_sr(d + i, src + i, 1, idx0 + i, key);
+        return;
+    }
+    const uint32_t hi = (uint32_t)(first >> 32), lo0 = (uint32_t)first;
     for (int i = 0; i < m; i++) {
-        int64_t idx = idx0 + i;
-        uint32_t r = mix32(mix32((uint32_t)idx ^ key) ^ (uint32_t)((uint64_t)idx >> 32));
+        uint32_t r = mix32(mix32((lo0 + (uint32_t)i) ^ key) ^ hi);
         uint32_t bits;
         memcpy(&bits, &src[i], 4);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) d[i] = f32_to_bf16(src[i]); /* NaN */
-        else d[i] = (uint16_t)((bits + (r & 0xffffu)) >> 16);
+        uint16_t sr = (uint16_t)((bits + (r & 0xffffu)) >> 16);
+        uint16_t nan = (uint16_t)((bits >> 16) | 0x40); /* quiet NaN, as f32_to_bf16 */
+        d[i] = (bits & 0x7fffffffu) > 0x7f800000u ? nan : sr;
     }
 }
 
