@@ -71,7 +71,7 @@ def test_stochastic_rounding_is_unbiased_and_rounds_up_with_the_dropped_fraction
     for x in (1.0 + 2.0**-10, -3.0 - 5 * 2.0**-12, 1e-3 * (1 + 2.0**-9), 7.0e5 + 0.3):
         v = torch.full((n,), x, dtype=torch.float32)
         x32 = v[0].item()
-        r = S.round_stochastic(v, S.random_bits(n, 12345, S.sr_key(3, 17, S.ROLE_V))).float()
+        r = S.round_stochastic(v, S.lane_bits(n, 12345, (3, 17), S.LANE_V)).float()
         down = v.to(torch.bfloat16).float()[0].item()
         lo_, hi_ = sorted({r.min().item(), r.max().item()})
         ulp = hi_ - lo_
@@ -86,12 +86,21 @@ def test_stochastic_rounding_is_unbiased_and_rounds_up_with_the_dropped_fraction
 
 
 def test_random_bits_depend_on_seed_step_role_and_index_only():
-    key = S.sr_key(0, 5, S.ROLE_Z)
+    key = S.sr_key(0, 5, 0)
     a = S.random_bits(1000, 77, key)
     assert torch.equal(a, S.random_bits(1000, 77, key))
     assert torch.equal(a[10:], S.random_bits(990, 87, key))  # a shard: same numbers
-    for other in (S.sr_key(1, 5, S.ROLE_Z), S.sr_key(0, 6, S.ROLE_Z), S.sr_key(0, 5, S.ROLE_V)):
+    for other in (S.sr_key(1, 5, 0), S.sr_key(0, 6, 0), S.sr_key(0, 5, 1)):
         assert (S.random_bits(1000, 77, other) != a).float().mean() > 0.99
+    # the lanes: z and v take the two halves of one word, grad_avg another word
+    z, v, g = (S.lane_bits(1000, 77, (0, 5), lane) for lane in (S.LANE_Z, S.LANE_V, S.LANE_GAVG))
+    assert torch.equal(z, a & 0xFFFF) and torch.equal(v, a >> 16)
+    assert torch.equal(g, S.random_bits(1000, 77, S.sr_key(0, 5, 1)) & 0xFFFF)
+    # the two halves of a word are uncorrelated (Pearson r within 5 sd of 0)
+    big = S.random_bits(1 << 18, 0, key)
+    lo, hi = (big & 0xFFFF).double(), (big >> 16).double()
+    r = torch.corrcoef(torch.stack([lo, hi]))[0, 1].item()
+    assert abs(r) < 5 / math.sqrt(1 << 18), r
     assert 0 <= a.min() and a.max() < 2**32
     # indices beyond 2**32 (a 7B model's flat index) use the high half too
     far = S.random_bits(8, 2**32 + 5, key)
@@ -184,7 +193,7 @@ def test_triton_kernel_rounds_with_the_same_random_bits(n, remainder):
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS_FUSED)
 def test_rmsprop_every_state_tensor_rounds_stochastically_with_its_own_stream(backend):
     """Momentum + centering: three bf16 state tensors, each with its own
-    role key; the CPU backend and the kernel agree with the spec."""
+    lane of random bits; the CPU backend and the kernel agree with the spec."""
     if backend == "triton" and not F.triton_available():
         pytest.skip("triton not installed")
     g = torch.Generator().manual_seed(3)

@@ -44,10 +44,12 @@ __all__ = [
     "store_state",
     "split_master",
     "join_master",
-    "ROLE_Z",
-    "ROLE_V",
-    "ROLE_BUF",
-    "ROLE_GAVG",
+    "lane_bits",
+    "LANE_Z",
+    "LANE_V",
+    "LANE_SQUARE_AVG",
+    "LANE_BUF",
+    "LANE_GAVG",
 ]
 
 
@@ -76,12 +78,16 @@ def compute_dtype(state: Tensor) -> torch.dtype:
 # The random bits are a counter-based hash, not a generator: element i of a
 # parameter whose first element has global index ``base`` (its position in
 # the optimizer's parameters, the order of ZeroOptimizer's flat buffers) gets
-# ``random_bits(base + i, sr_key(seed, step, role))``.  So the bits depend on
-# (seed, step, state tensor, element) only: the same at every world size,
-# bucket size and backend, and reproducible after a resume.
+# the 32-bit word ``random_bits(base + i, sr_key(seed, step, stream))``, and
+# each state tensor takes 16 of those bits: its *lane* l uses stream l // 2,
+# bits 16 * (l % 2) and up.  So z and v share one hash per element (the two
+# halves of a well-mixed word), and the bits depend on (seed, step, state
+# tensor, element) only: the same at every world size, bucket size and
+# backend, and reproducible after a resume.
 
 _M32 = 0xFFFFFFFF
-ROLE_Z, ROLE_V, ROLE_BUF, ROLE_GAVG = 1, 2, 3, 4  # one random stream per state tensor
+LANE_Z, LANE_V = 0, 1  # Schedule-Free AdamW
+LANE_SQUARE_AVG, LANE_BUF, LANE_GAVG = 0, 1, 2  # RMSProp
 
 
 def mix32(x: int) -> int:
@@ -105,9 +111,9 @@ def _mix32_t(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def sr_key(seed: int, step: int, role: int) -> int:
-    """The 32-bit key of one state tensor's rounding in one step (host)."""
-    return mix32(mix32(mix32(seed) ^ (step & _M32)) ^ (step >> 32) ^ role)
+def sr_key(seed: int, step: int, stream: int) -> int:
+    """The 32-bit key of one random stream in one step (host)."""
+    return mix32(mix32(mix32(seed) ^ (step & _M32)) ^ (step >> 32) ^ (stream + 1))
 
 
 def random_bits(numel: int, index_base: int, key: int, device=None) -> Tensor:
@@ -115,6 +121,14 @@ def random_bits(numel: int, index_base: int, key: int, device=None) -> Tensor:
     ``mix32(mix32(lo32(idx) ^ key) ^ hi32(idx))``."""
     idx = torch.arange(index_base, index_base + numel, dtype=torch.int64, device=device)
     return _mix32_t(_mix32_t((idx & _M32) ^ key) ^ (idx >> 32))
+
+
+def lane_bits(numel: int, index_base: int, sr: tuple[int, int], lane: int,
+              device=None) -> Tensor:
+    """The 16 random bits (int64 in [0, 2**16)) of state lane ``lane`` for
+    elements ``index_base + i`` in step ``sr = (seed, step)``."""
+    word = random_bits(numel, index_base, sr_key(sr[0], sr[1], lane // 2), device)
+    return (word >> (16 * (lane % 2))) & 0xFFFF
 
 
 def _as_int32(bits: Tensor) -> Tensor:
@@ -134,15 +148,16 @@ def round_stochastic(x: Tensor, bits: Tensor) -> Tensor:
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
 
 
-def store_state(dst: Tensor, x: Tensor, *, key: Optional[int] = None,
-                index_base: int = 0) -> None:
+def store_state(dst: Tensor, x: Tensor, *, sr: Optional[tuple[int, int]] = None,
+                lane: int = 0, index_base: int = 0) -> None:
     """Write the updated state ``x`` (compute dtype) into ``dst``: nothing to
-    do when they are the same tensor; a bf16 ``dst`` with a ``key`` gets
-    stochastic rounding, anything else round-to-nearest-even (``copy_``)."""
+    do when they are the same tensor; a bf16 ``dst`` with ``sr = (seed,
+    step)`` gets stochastic rounding with its lane's bits, anything else
+    round-to-nearest-even (``copy_``)."""
     if x is dst:
         return
-    if key is not None and dst.dtype == torch.bfloat16:
-        dst.copy_(round_stochastic(x, random_bits(x.numel(), index_base, key, x.device)
+    if sr is not None and dst.dtype == torch.bfloat16:
+        dst.copy_(round_stochastic(x, lane_bits(x.numel(), index_base, sr, lane, x.device)
                                    .view(x.shape)))
     else:
         dst.copy_(x)
@@ -239,10 +254,6 @@ def rms_normalize(
 # --------------------------------------------------------------------------
 
 
-def _key(sr: Optional[tuple[int, int]], role: int) -> Optional[int]:
-    return None if sr is None else sr_key(sr[0], sr[1], role)
-
-
 def rmsprop_update(
     param: Tensor,
     grad: Tensor,
@@ -298,7 +309,7 @@ def rmsprop_update(
         gavg.lerp_(g, 1.0 - alpha)
         # Centred second moment: E[g^2] - E[g]^2, both bias-corrected alike.
         avg = v.addcmul(gavg, gavg, value=-1.0)
-        store_state(grad_avg, gavg, key=_key(sr, ROLE_GAVG), index_base=index_base)
+        store_state(grad_avg, gavg, sr=sr, lane=LANE_GAVG, index_base=index_base)
     else:
         avg = v.clone() if bias_correction2 == 1.0 else v
     if bias_correction2 != 1.0:
@@ -307,14 +318,14 @@ def rmsprop_update(
         avg.add_(eps).sqrt_()
     else:
         avg.sqrt_().add_(eps)
-    store_state(square_avg, v, key=_key(sr, ROLE_V), index_base=index_base)
+    store_state(square_avg, v, sr=sr, lane=LANE_SQUARE_AVG, index_base=index_base)
 
     if momentum > 0.0:
         assert momentum_buffer is not None, "momentum needs momentum_buffer"
         buf = _upcast(momentum_buffer, cdt)
         buf.mul_(momentum).addcdiv_(g, avg)
         p.add_(buf, alpha=-lr)
-        store_state(momentum_buffer, buf, key=_key(sr, ROLE_BUF), index_base=index_base)
+        store_state(momentum_buffer, buf, sr=sr, lane=LANE_BUF, index_base=index_base)
     else:
         p.addcdiv_(g, avg, value=-lr)
 
@@ -417,8 +428,8 @@ def sf_adamw_update(
     y32.lerp_(z32, ck)
     y32.add_(u, alpha=y_coef)
     z32.sub_(u, alpha=lr)
-    store_state(v, v32, key=_key(sr, ROLE_V), index_base=index_base)
-    store_state(z, z32, key=_key(sr, ROLE_Z), index_base=index_base)
+    store_state(v, v32, sr=sr, lane=LANE_V, index_base=index_base)
+    store_state(z, z32, sr=sr, lane=LANE_Z, index_base=index_base)
     _store_y(y, y32, remainder, y_out)
 
 

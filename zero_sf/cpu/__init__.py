@@ -62,7 +62,7 @@ class _Args(ctypes.Structure):
         [(name, ctypes.c_float) for name in ("alpha", "one_minus_alpha", "momentum")] + \
         [(name, ctypes.c_int) for name in ("centered", "eps_in_sqrt", "maximize", "has_momentum")] + \
         [("weight", ctypes.c_float), ("dt_s", ctypes.c_int), ("sr", ctypes.c_int),
-         ("key", ctypes.c_uint32 * 5)]
+         ("key", ctypes.c_uint32 * 2)]
 
 
 def _cpu_flags() -> str:
@@ -195,8 +195,8 @@ def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
     args.dt_s = _DTYPES[state_dtype]
     args.sr = int(sr is not None and state_dtype == torch.bfloat16)
     if args.sr:
-        for role in range(1, 5):
-            args.key[role] = sr_key(sr[0], sr[1], role)
+        for stream in (0, 1):
+            args.key[stream] = sr_key(sr[0], sr[1], stream)
     return args
 
 

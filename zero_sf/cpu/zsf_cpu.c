@@ -60,23 +60,31 @@ static inline uint32_t mix32(uint32_t x) { /* Wellons' lowbias32 */
     return x ^ (x >> 16);
 }
 
-/* bf16 with stochastic rounding: the element's 16 random bits are added to
- * the 16 dropped bits, then truncated (spec.round_stochastic). */
-static void store_sr(uint16_t *d, const float *src, int m, int64_t idx0, uint32_t key) {
-    /* The index's high half is the same for the whole block unless the block
-     * crosses a multiple of 2**32: then element by element.  Otherwise the
-     * loop runs on 32-bit lanes only (twice the lanes of 64-bit ones). */
+/* The random words of a block (spec.random_bits): mix32(mix32(lo32(idx) ^
+ * key) ^ hi32(idx)).  The index's high half is the same for the whole block
+ * unless the block crosses a multiple of 2**32 (then element by element);
+ * otherwise the loop runs on 32-bit lanes only. */
+static void hash_block(uint32_t *rb, int m, int64_t idx0, uint32_t key) {
     const uint64_t first = (uint64_t)idx0, last = first + (uint64_t)(m - 1);
     if ((first >> 32) != (last >> 32)) {
-        for (int i = 0; i < m; i++) store_sr(d + i, src + i, 1, idx0 + i, key);
+        for (int i = 0; i < m; i++) {
+            uint64_t idx = first + (uint64_t)i;
+            rb[i] = mix32(mix32((uint32_t)idx ^ key) ^ (uint32_t)(idx >> 32));
+        }
         return;
     }
     const uint32_t hi = (uint32_t)(first >> 32), lo0 = (uint32_t)first;
+    for (int i = 0; i < m; i++) rb[i] = mix32(mix32((lo0 + (uint32_t)i) ^ key) ^ hi);
+}
+
+/* bf16 with stochastic rounding (spec.round_stochastic): the lane's 16
+ * random bits (bits `shift` and up of the block's words) are added to the
+ * 16 dropped bits, then truncated; NaN stays NaN. */
+static void store_sr(uint16_t *d, const float *src, const uint32_t *rb, int shift, int m) {
     for (int i = 0; i < m; i++) {
-        uint32_t r = mix32(mix32((lo0 + (uint32_t)i) ^ key) ^ hi);
         uint32_t bits;
         memcpy(&bits, &src[i], 4);
-        uint16_t sr = (uint16_t)((bits + (r & 0xffffu)) >> 16);
+        uint16_t sr = (uint16_t)((bits + ((rb[i] >> shift) & 0xffffu)) >> 16);
         uint16_t nan = (uint16_t)((bits >> 16) | 0x40); /* quiet NaN, as f32_to_bf16 */
         d[i] = (bits & 0x7fffffffu) > 0x7f800000u ? nan : sr;
     }
@@ -142,9 +150,10 @@ typedef struct {
     /* interpolate */
     float weight;
     /* compressed state: dtype of the state tensors (F32 or BF16), stochastic
-     * rounding on/off and one key per state role (spec.ROLE_*) */
+     * rounding on/off and the keys of random streams 0 and 1 (a state tensor's
+     * lane l takes 16 bits of stream l / 2: spec.lane_bits) */
     int dt_s, sr;
-    uint32_t key[5];
+    uint32_t key[2];
 } zsf_args;
 
 /* The loops below read every scalar into a local first (so the compiler
@@ -237,17 +246,18 @@ static void store_y(const zsf_task *k, const float *y, int dt, int64_t off, int 
     else if (dt != F32) store(k->p[0], y, dt, off, m);
 }
 
-/* a state tensor back to memory: in place (fp32), rounded stochastically or
- * to nearest even (bf16) */
-static void store_state(const zsf_args *a, void *dst, const float *src, int role,
-                        const zsf_task *k, int64_t off, int m) {
+/* a state tensor back to memory: in place (fp32), rounded stochastically
+ * with lane `lane` of the block's random words, or to nearest even (bf16) */
+static void store_state(const zsf_args *a, void *dst, const float *src, const uint32_t *rb,
+                        int lane, int64_t off, int m) {
     if (a->dt_s == F32) return;
-    if (a->sr) store_sr((uint16_t *)dst + off, src, m, k->base + off, a->key[role]);
+    if (a->sr) store_sr((uint16_t *)dst + off, src, rb, 16 * (lane & 1), m);
     else store(dst, src, BF16, off, m);
 }
 
 static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int64_t lo, int64_t hi) {
     float sp[BLOCK], sg[BLOCK], so[BLOCK], s1[BLOCK], s2[BLOCK], s3[BLOCK];
+    uint32_t rb0[BLOCK], rb1[BLOCK]; /* random words of streams 0 and 1 */
     int64_t base = 0;
     for (int t = 0; t < ntasks && base < hi; t++) {
         const zsf_task *k = &tasks[t];
@@ -260,8 +270,9 @@ static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int6
                 float *z = in_place_or_load(s1, k->p[2], a->dt_s, off, m);
                 float *v = in_place_or_load(s2, k->p[3], a->dt_s, off, m);
                 sf_block(a, y, g, z, v, m);
-                store_state(a, k->p[2], z, 1, k, off, m); /* ROLE_Z */
-                store_state(a, k->p[3], v, 2, k, off, m); /* ROLE_V */
+                if (a->sr) hash_block(rb0, m, k->base + off, a->key[0]); /* one word: z and v */
+                store_state(a, k->p[2], z, rb0, 0, off, m); /* LANE_Z */
+                store_state(a, k->p[3], v, rb0, 1, off, m); /* LANE_V */
                 store_y(k, y, a->dt_p, off, m);
                 if (k->p[4]) {
                     if (k->rem) memcpy((uint16_t *)k->p[4] + off, (uint16_t *)k->p[0] + off, (size_t)m * 2);
@@ -274,9 +285,11 @@ static void run_range(const zsf_args *a, const zsf_task *tasks, int ntasks, int6
                 float *b = k->p[3] ? in_place_or_load(s2, k->p[3], a->dt_s, off, m) : NULL;
                 float *ga = k->p[4] ? in_place_or_load(s3, k->p[4], a->dt_s, off, m) : NULL;
                 rms_block(a, p, g, v, b, ga, m);
-                store_state(a, k->p[2], v, 2, k, off, m);         /* ROLE_V */
-                if (b) store_state(a, k->p[3], b, 3, k, off, m);  /* ROLE_BUF */
-                if (ga) store_state(a, k->p[4], ga, 4, k, off, m); /* ROLE_GAVG */
+                if (a->sr) hash_block(rb0, m, k->base + off, a->key[0]);
+                if (a->sr && ga) hash_block(rb1, m, k->base + off, a->key[1]);
+                store_state(a, k->p[2], v, rb0, 0, off, m);          /* LANE_SQUARE_AVG */
+                if (b) store_state(a, k->p[3], b, rb0, 1, off, m);   /* LANE_BUF */
+                if (ga) store_state(a, k->p[4], ga, rb1, 2, off, m); /* LANE_GAVG */
                 store_y(k, p, a->dt_p, off, m);
                 if (k->p[5]) {
                     if (k->rem) memcpy((uint16_t *)k->p[5] + off, (uint16_t *)k->p[0] + off, (size_t)m * 2);

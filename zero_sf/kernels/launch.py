@@ -93,10 +93,10 @@ def _i32(x: int) -> int:
 
 def _counters(base: int, keys: Sequence[int]) -> dict:
     """The flat kernels' counter arguments: the element index base as two
-    i32 halves, and three rounding keys (0 where unused)."""
-    keys = list(keys) + [0] * (3 - len(keys))
+    i32 halves, and the keys of random streams 0 and 1 (0 where unused)."""
+    keys = list(keys) + [0] * (2 - len(keys))
     return dict(base_lo=_i32(base), base_hi=_i32(base >> 32),
-                key_a=_i32(keys[0]), key_b=_i32(keys[1]), key_c=_i32(keys[2]))
+                key_a=_i32(keys[0]), key_b=_i32(keys[1]))
 
 
 def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compressed: dict,
@@ -139,14 +139,14 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compre
                     **kwargs, FULL=full, BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
-def _compressed(remainders, sr, index_bases, state_dtype, roles: Sequence[int]) -> dict:
+def _compressed(remainders, sr, index_bases, state_dtype) -> dict:
     from ..spec import sr_key
 
     has_rem = remainders is not None
     on = sr is not None and state_dtype == torch.bfloat16
     out = dict(HAS_REM=has_rem, SR=on)
-    if on:
-        out.update(bases=list(index_bases), keys=[sr_key(sr[0], sr[1], r) for r in roles])
+    if on:  # the keys of random streams 0 and 1 (spec.lane_bits)
+        out.update(bases=list(index_bases), keys=[sr_key(sr[0], sr[1], s) for s in (0, 1)])
     return out
 
 
@@ -180,12 +180,10 @@ def _partition(roles: Roles, out_role: int, state_role: int, rem_role: int):
 def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
              bias_correction2, eps, weight_decay, grad_scale, remainders=None, sr=None,
              index_bases=None) -> None:
-    from ..spec import ROLE_V, ROLE_Z
-
     for roles, index, has_out, sdt in _partition([ys, grads, zs, vs, y_outs, remainders], 4, 3, 5):
         bases = [index_bases[i] for i in index] if index_bases is not None else None
         _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles, multi_roles=5,
-                compressed=_compressed(roles[5], sr, bases, sdt, (ROLE_Z, ROLE_V)),
+                compressed=_compressed(roles[5], sr, bases, sdt),
                 **_floats(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                           bias_correction2=bias_correction2, eps=eps,
                           weight_decay=weight_decay, grad_scale=grad_scale),
@@ -196,14 +194,12 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
             lr, alpha, eps, weight_decay, momentum, centered, bias_correction2,
             eps_in_sqrt, maximize, grad_scale, remainders=None, sr=None,
             index_bases=None) -> None:
-    from ..spec import ROLE_BUF, ROLE_GAVG, ROLE_V
-
     roles_all = [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
                  grad_avgs if centered else None, param_outs, remainders]
     for roles, index, has_out, sdt in _partition(roles_all, 5, 2, 6):
         bases = [index_bases[i] for i in index] if index_bases is not None else None
         _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles, multi_roles=6,
-                compressed=_compressed(roles[6], sr, bases, sdt, (ROLE_V, ROLE_BUF, ROLE_GAVG)),
+                compressed=_compressed(roles[6], sr, bases, sdt),
                 **_floats(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                           bias_correction2=bias_correction2, momentum=momentum,
                           grad_scale=grad_scale), HAS_WD=weight_decay != 0.0,

@@ -50,22 +50,27 @@ def _index(offs, base_lo, base_hi):
 
 
 @triton.jit
-def _store_sr(ptr, offs, x, mask, idx, key):
-    """x (fp32) into a bf16 ptr with stochastic rounding (spec.round_stochastic):
-    16 random bits of mix32(mix32(lo32(idx) ^ key) ^ hi32(idx)) added to the
-    dropped bits, then truncated; NaN stays NaN."""
+def _rand(idx, key):
+    """32 random bits per element (spec.random_bits): mix32(mix32(lo32(idx)
+    ^ key) ^ hi32(idx)); each state lane takes 16 of them."""
     k = key.to(tl.uint32, bitcast=True)
-    r = _mix32(_mix32(idx.to(tl.uint32) ^ k) ^ (idx >> 32).to(tl.uint32))
+    return _mix32(_mix32(idx.to(tl.uint32) ^ k) ^ (idx >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _store_sr(ptr, offs, x, mask, r16):
+    """x (fp32) into a bf16 ptr with stochastic rounding (spec.round_stochastic):
+    16 random bits added to the dropped bits, then truncated; NaN stays NaN."""
     bits = x.to(tl.uint32, bitcast=True)
-    out = ((bits + (r & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    out = ((bits + r16) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     out = tl.where(x != x, _round(x, ptr), out)
     tl.store(ptr + offs, out, mask=mask)
 
 
 @triton.jit
-def _store_state(ptr, offs, x, mask, idx, key, SR: tl.constexpr):
+def _store_state(ptr, offs, x, mask, r16, SR: tl.constexpr):
     if SR:
-        _store_sr(ptr, offs, x, mask, idx, key)
+        _store_sr(ptr, offs, x, mask, r16)
     else:
         _store(ptr, offs, x, mask)
 
@@ -220,7 +225,7 @@ def _ptr(table_ptr, t, like_ptr, FULL: tl.constexpr):
 def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
                    lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
                    grad_scale, HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
-                   rem_ptr=None, idx=None, key_z=None, key_v=None,
+                   rem_ptr=None, idx=None, key=None,
                    HAS_REM: tl.constexpr = False, SR: tl.constexpr = False):
     g = _load(g_ptr, offs, mask)
     y = _load_y(y_ptr, rem_ptr, offs, mask, HAS_REM)
@@ -229,35 +234,38 @@ def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
     y, z, v = _sf_adamw_math(g, y, z, v, lr, ck, y_coef, beta2, bias_correction2,
                              eps, weight_decay, grad_scale, HAS_WD)
     _store_y(y_ptr, rem_ptr, offs, y, mask, HAS_REM)
-    _store_state(z_ptr, offs, z, mask, idx, key_z, SR)
-    _store_state(v_ptr, offs, v, mask, idx, key_v, SR)
+    r = idx  # placeholder when SR is off (never used)
+    if SR:
+        r = _rand(idx, key)  # one word: z takes its low half, v its high half
+    _store_state(z_ptr, offs, z, mask, r & 0xFFFF, SR)
+    _store_state(v_ptr, offs, v, mask, r >> 16, SR)
     if HAS_YOUT:
         _store(yout_ptr, offs, y, mask)
 
 
 # The counter's base and the rounding keys are i32 arguments that are never
 # specialized: their values change every step and must not compile variants.
-_COUNTERS = ["base_lo", "base_hi", "key_a", "key_b", "key_c"]
+_COUNTERS = ["base_lo", "base_hi", "key_a", "key_b"]
 
 
 @triton.jit(do_not_specialize=_COUNTERS)
 def sf_adamw_flat_kernel(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, rem_ptr, n,
                          lr, ck, y_coef, beta2, bias_correction2, eps,
-                         weight_decay, grad_scale, base_lo, base_hi, key_a, key_b, key_c,
+                         weight_decay, grad_scale, base_lo, base_hi, key_a, key_b,
                          HAS_WD: tl.constexpr, HAS_YOUT: tl.constexpr,
                          HAS_REM: tl.constexpr, SR: tl.constexpr,
                          BLOCK: tl.constexpr):
-    # key_a: z's stream, key_b: v's (key_c unused)
+    # key_a: random stream 0 (z: low half, v: high half); key_b unused
     offs, mask, full = _flat_offsets(n, BLOCK)
     idx = _index(offs, base_lo, base_hi)
     if full:
         _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, None,
                        lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, key_b, HAS_REM, SR)
+                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, HAS_REM, SR)
     else:
         _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
                        lr, ck, y_coef, beta2, bias_correction2, eps, weight_decay,
-                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, key_b, HAS_REM, SR)
+                       grad_scale, HAS_WD, HAS_YOUT, rem_ptr, idx, key_a, HAS_REM, SR)
 
 
 @triton.jit
@@ -286,8 +294,8 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                   grad_scale, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                   EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                  HAS_POUT: tl.constexpr, rem_ptr=None, idx=None, key_v=None, key_buf=None,
-                  key_gavg=None, HAS_REM: tl.constexpr = False, SR: tl.constexpr = False):
+                  HAS_POUT: tl.constexpr, rem_ptr=None, idx=None, key_a=None, key_b=None,
+                  HAS_REM: tl.constexpr = False, SR: tl.constexpr = False):
     g = _load(g_ptr, offs, mask)
     p = _load_y(p_ptr, rem_ptr, offs, mask, HAS_REM)
     v = _load(v_ptr, offs, mask)
@@ -302,11 +310,17 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                                     grad_scale, HAS_WD, MAXIMIZE, MOMENTUM,
                                     CENTERED, EPS_IN_SQRT, BIAS_CORRECTION)
     _store_y(p_ptr, rem_ptr, offs, p, mask, HAS_REM)
-    _store_state(v_ptr, offs, v, mask, idx, key_v, SR)
+    r = idx  # placeholders when SR is off (never used)
+    r1 = idx
+    if SR:
+        r = _rand(idx, key_a)  # v: low half, the momentum buffer: high half
+    _store_state(v_ptr, offs, v, mask, r & 0xFFFF, SR)
     if MOMENTUM:
-        _store_state(buf_ptr, offs, buf, mask, idx, key_buf, SR)
+        _store_state(buf_ptr, offs, buf, mask, r >> 16, SR)
     if CENTERED:
-        _store_state(gavg_ptr, offs, gavg, mask, idx, key_gavg, SR)
+        if SR:
+            r1 = _rand(idx, key_b)  # grad_avg: stream 1, low half
+        _store_state(gavg_ptr, offs, gavg, mask, r1 & 0xFFFF, SR)
     if HAS_POUT:
         _store(pout_ptr, offs, p, mask)
 
@@ -314,26 +328,26 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
 @triton.jit(do_not_specialize=_COUNTERS)
 def rmsprop_flat_kernel(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, rem_ptr, n,
                         lr, alpha, eps, weight_decay, bias_correction2, momentum,
-                        grad_scale, base_lo, base_hi, key_a, key_b, key_c,
+                        grad_scale, base_lo, base_hi, key_a, key_b,
                         HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                         MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
                         EPS_IN_SQRT: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
                         HAS_POUT: tl.constexpr, HAS_REM: tl.constexpr, SR: tl.constexpr,
                         BLOCK: tl.constexpr):
-    # key_a: v's stream, key_b: the momentum buffer's, key_c: grad_avg's
+    # key_a: random stream 0 (v, momentum buffer), key_b: stream 1 (grad_avg)
     offs, mask, full = _flat_offsets(n, BLOCK)
     idx = _index(offs, base_lo, base_hi)
     if full:
         _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, None,
                       lr, alpha, eps, weight_decay, bias_correction2, momentum,
                       grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b, key_c,
+                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b,
                       HAS_REM, SR)
     else:
         _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
                       lr, alpha, eps, weight_decay, bias_correction2, momentum,
                       grad_scale, HAS_WD, MAXIMIZE, MOMENTUM, CENTERED, EPS_IN_SQRT,
-                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b, key_c,
+                      BIAS_CORRECTION, HAS_POUT, rem_ptr, idx, key_a, key_b,
                       HAS_REM, SR)
 
 
