@@ -99,17 +99,20 @@ def compressed_study(args, env):
         a.set_xlabel("lr")
         b.set_title("validation loss at x, best lr (mean over seeds)", fontsize=9)
         b.set_xlabel("step")
-        for ax in (a, b):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"compressed optimizer state, bf16 GPT, {env.get('device_name')}, "
-                     f"torch {env['torch']}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(args.out, f"convergence_compressed_{tag}.png")
-        fig.savefig(path, dpi=120)
-        print(f"wrote {path}")
+        _finish(fig, (a, b), f"compressed optimizer state, bf16 GPT, {env.get('device_name')}, "
+                f"torch {env['torch']}", os.path.join(args.out, f"convergence_compressed_{tag}.png"))
     except ImportError:
         print("matplotlib not installed: no plot")
+
+
+def _finish(fig, axes, title, path):
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main():
@@ -162,13 +165,8 @@ def main():
         b.set_title("validation loss (SF and RMSProp at x / their params)", fontsize=9)
         for ax in (a, b):
             ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"byte-level GPT on Python's help text, {env.get('device_name')}, torch {env['torch']}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(args.out, f"convergence_{tag}.png")
-        fig.savefig(path, dpi=120)
-        print(f"wrote {path}")
+        _finish(fig, (a, b), f"byte-level GPT on Python's help text, {env.get('device_name')}, "
+                f"torch {env['torch']}", os.path.join(args.out, f"convergence_{tag}.png"))
     except ImportError:
         print("matplotlib not installed: no plot")
 

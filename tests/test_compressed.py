@@ -4,28 +4,16 @@ plus int16 remainders."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 
 from zero_sf import functional as F
+from tests.helpers import exact_sqrt
 from zero_sf import spec as S
 
 BACKENDS_FUSED = ["cpu", "triton"]
-
-
-@contextlib.contextmanager
-def exact_sqrt():
-    """The spec with a correctly rounded sqrt_ (the CPU backend's; torch's
-    vectorized CPU sqrt is one ulp off in ~18 % of elements on AVX512)."""
-    old = torch.Tensor.sqrt_
-    torch.Tensor.sqrt_ = lambda self: self.copy_(self.double().sqrt())
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt_ = old
 
 
 def _bits(t):

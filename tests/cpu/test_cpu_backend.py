@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from zero_sf import functional as F
+from tests.helpers import exact_sqrt
 from zero_sf import spec
 
 cpu = pytest.importorskip("zero_sf.cpu")
@@ -26,17 +27,6 @@ if not cpu.available():  # conftest fails the run unless ZERO_SF_SKIP_MISSING=1
 
 SIZES = [1, 1023, 1025, 70_001]
 LOW = [torch.bfloat16, torch.float16]
-
-
-@contextlib.contextmanager
-def exact_sqrt():
-    """The spec with a correctly rounded sqrt_ (through fp64)."""
-    old = torch.Tensor.sqrt_
-    torch.Tensor.sqrt_ = lambda self: self.copy_(self.double().sqrt())
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt_ = old
 
 
 def _gen(seed):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import zero_sf
 from tests.distributed import spawn
-from tests.sharding.test_zero import LAYOUT, RMS_KW, SF_KW, SHAPES, _model, _targets
+from tests.sharding.test_zero import LAYOUT, RMS_KW, SF_KW, _model, _targets
 from zero_sf import spec as S
 
 COMPRESSED = dict(state_dtype=torch.bfloat16, master_weights="remainder")
@@ -96,18 +96,24 @@ def test_sharded_compressed_is_the_single_process_compressed_bit_for_bit(world_s
     spawn(_equivalence_all, world_size)
 
 
+def _trained_compressed(rank, world_size, steps=3):
+    cls, kw = _cls("sf")
+    model = _model(torch.bfloat16)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), cls, **LAYOUT, **kw, **COMPRESSED)
+    opt.train()
+    for step in range(steps):
+        for p, t in zip(model, _targets(step, world_size)[rank]):
+            (p * t.to(p.dtype)).sum().backward()
+        opt.step()
+    return model, opt
+
+
 def _conversions(rank, world_size, root):
     """Save with compressed state, load into the defaults (fp32 master and
     state), and back: the fp32 y is exact both ways, the state converts (bf16
     to fp32 exactly, fp32 to bf16 to nearest even), training continues."""
     cls, kw = _cls("sf")
-    model = _model(torch.bfloat16)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), cls, **LAYOUT, **kw, **COMPRESSED)
-    opt.train()
-    for step in range(3):
-        for p, t in zip(model, _targets(step, world_size)[rank]):
-            (p * t.to(p.dtype)).sum().backward()
-        opt.step()
+    model, opt = _trained_compressed(rank, world_size)
     saved = {(i, s): {k: v.clone() for k, v in t.items()} for i, s, _, t in opt.shard_pieces()}
     assert all(set(t) == {"master", "z", "exp_avg_sq"} for t in saved.values())
     assert any(opt.inner.state[c]["remainder"].any() for c in opt.weights.y_chunks[0])
@@ -151,13 +157,7 @@ def _consolidated(rank, world_size):
     NCCL have no int16 type: they travel as bf16 bits) and the single-device
     compressed optimizer resumes from it with the exact fp32 y."""
     cls, kw = _cls("sf")
-    model = _model(torch.bfloat16)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), cls, **LAYOUT, **kw, **COMPRESSED)
-    opt.train()
-    for step in range(3):
-        for p, t in zip(model, _targets(step, world_size)[rank]):
-            (p * t.to(p.dtype)).sum().backward()
-        opt.step()
+    model, opt = _trained_compressed(rank, world_size)
     sd = opt.consolidated_state_dict()
     single_model = _model(torch.bfloat16)
     single_model.load_state_dict(model.state_dict())
@@ -185,18 +185,11 @@ def _memory_and_misuse(rank, world_size):
     n = sum(p.numel() for p in model.parameters())
     full = zero_sf.ZeroOptimizer(_clone(model).parameters(), align=1)
     comp = zero_sf.ZeroOptimizer(_clone(model).parameters(), align=1, **COMPRESSED)
-    for o in (full, comp):
-        o.train()
-    for m, o in ((full, full), (comp, comp)):
-        pass
     x = torch.randn(4, 64).bfloat16()
-    for o in (full, comp):
-        ps = o._params
-        for p in ps:
-            p.grad = None
-        # one step creates the state
+    for o in (full, comp):  # one step creates the state
+        o.train()
         out = x
-        for w, b in zip(ps[0::2], ps[1::2]):
+        for w, b in zip(o._params[0::2], o._params[1::2]):
             out = out @ w.t() + b
         out.float().sum().backward()
         o.step()
@@ -220,7 +213,7 @@ def _memory_and_misuse(rank, world_size):
         zero_sf.ZeroOptimizer(_clone(model).parameters(),
                               state_dtype=torch.bfloat16 if rank == 0 else torch.float32)
     # weights loaded after some steps: y restarts from them exactly
-    loaded = {k: torch.randn_like(v) for k, v in _plain(model).state_dict().items()}
+    loaded = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     m = _clone(model)
     o = zero_sf.ZeroOptimizer(m.parameters(), **COMPRESSED)
     o.train()
@@ -240,10 +233,6 @@ def _memory_and_misuse(rank, world_size):
 def _clone(model):
     import copy
     return copy.deepcopy(model)
-
-
-def _plain(model):
-    return _clone(model)
 
 
 def test_memory_accounting_and_misuse():
