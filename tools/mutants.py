@@ -49,7 +49,7 @@ MUTANTS = [
      "store_state(a, k->p[3], v, rb0, 0, off, m); /* LANE_V */",
      ["tests/test_compressed.py"]),
     ("kernel: v rounded with z's random bits", "zero_sf/kernels/triton_kernels.py",
-     "_store_state(v_ptr, offs, v, mask, r >> 16, SR)", "_store_state(v_ptr, offs, v, mask, r & 0xFFFF, SR)",
+     "_store_state(v_ptr, offs, v, mask, r, True, SR)", "_store_state(v_ptr, offs, v, mask, r, False, SR)",
      ["tests/test_compressed.py"]),
     ("kernel: stochastic rounding ignores the index's high half", "zero_sf/kernels/triton_kernels.py",
      "return _mix32(_mix32(idx.to(tl.uint32) ^ k) ^ (idx >> 32).to(tl.uint32))",

@@ -68,9 +68,14 @@ def _store_sr(ptr, offs, x, mask, r16):
 
 
 @triton.jit
-def _store_state(ptr, offs, x, mask, r16, SR: tl.constexpr):
+def _store_state(ptr, offs, x, mask, r, HIGH: tl.constexpr, SR: tl.constexpr):
+    """A state tensor back: stochastically rounded with the low or HIGH half
+    of the random words r (its lane), or to nearest (and fp32 as is)."""
     if SR:
-        _store_sr(ptr, offs, x, mask, r16)
+        if HIGH:
+            _store_sr(ptr, offs, x, mask, r >> 16)
+        else:
+            _store_sr(ptr, offs, x, mask, r & 0xFFFF)
     else:
         _store(ptr, offs, x, mask)
 
@@ -237,8 +242,8 @@ def _sf_adamw_body(y_ptr, g_ptr, z_ptr, v_ptr, yout_ptr, offs, mask,
     r = idx  # placeholder when SR is off (never used)
     if SR:
         r = _rand(idx, key)  # one word: z takes its low half, v its high half
-    _store_state(z_ptr, offs, z, mask, r & 0xFFFF, SR)
-    _store_state(v_ptr, offs, v, mask, r >> 16, SR)
+    _store_state(z_ptr, offs, z, mask, r, False, SR)
+    _store_state(v_ptr, offs, v, mask, r, True, SR)
     if HAS_YOUT:
         _store(yout_ptr, offs, y, mask)
 
@@ -314,13 +319,13 @@ def _rmsprop_body(p_ptr, g_ptr, v_ptr, buf_ptr, gavg_ptr, pout_ptr, offs, mask,
     r1 = idx
     if SR:
         r = _rand(idx, key_a)  # v: low half, the momentum buffer: high half
-    _store_state(v_ptr, offs, v, mask, r & 0xFFFF, SR)
+    _store_state(v_ptr, offs, v, mask, r, False, SR)
     if MOMENTUM:
-        _store_state(buf_ptr, offs, buf, mask, r >> 16, SR)
+        _store_state(buf_ptr, offs, buf, mask, r, True, SR)
     if CENTERED:
         if SR:
             r1 = _rand(idx, key_b)  # grad_avg: stream 1, low half
-        _store_state(gavg_ptr, offs, gavg, mask, r1 & 0xFFFF, SR)
+        _store_state(gavg_ptr, offs, gavg, mask, r1, False, SR)
     if HAS_POUT:
         _store(pout_ptr, offs, p, mask)
 
