@@ -56,7 +56,7 @@ class InOrderTrainer(Trainer):
 
 
 def trainer_for(model, out, *, callback=True, save_steps=3, eval_steps=2, max_steps=STEPS,
-                record=None, **extra):
+                record=None, opt_kw=None, **extra):
     args = TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=BATCH, save_strategy="steps", save_steps=save_steps,
@@ -66,7 +66,7 @@ def trainer_for(model, out, *, callback=True, save_steps=3, eval_steps=2, max_st
     data = dataset()
     return InOrderTrainer(
         model=model, args=args, train_dataset=data, eval_dataset=data[:BATCH],
-        optimizer_cls_and_kwargs=(zero_sf.ScheduleFreeAdamW, dict(SF_KW)),
+        optimizer_cls_and_kwargs=(zero_sf.ScheduleFreeAdamW, dict(SF_KW, **(opt_kw or {}))),
         callbacks=[record] * (record is not None) + [ScheduleFreeCallback()] * callback)
 
 
@@ -145,6 +145,27 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
     for i in sa:
         for key in ("z", "exp_avg_sq"):
             assert torch.equal(sa[i][key], sb[i][key])
+
+
+def test_resume_with_compressed_state_continues_identically(tmp_path):
+    """A bf16 model with bf16 state (stochastic rounding) and remainder
+    masters: the Trainer saves x (bf16 weights + the remainders' low bits in
+    the optimizer state, in eval mode) and resumes from it bit for bit: it
+    loads the weights first, then the optimizer state, whose remainders go
+    with the weights as loaded."""
+    kw = dict(state_dtype=torch.bfloat16, master_weights="remainder")
+    straight = trainer_for(tiny_gpt2().bfloat16(), tmp_path / "a", opt_kw=kw)
+    straight.train()
+    resumed = trainer_for(tiny_gpt2(seed=5).bfloat16(), tmp_path / "b", opt_kw=kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert_weights(resumed.model.state_dict(), straight.model.state_dict(), exact=True)
+    sa = straight.optimizer.state_dict()["state"]
+    sb = resumed.optimizer.state_dict()["state"]
+    assert sa[0]["z"].dtype == torch.bfloat16 and sa[0]["remainder"].dtype == torch.int16
+    assert any(s["remainder"].any() for s in sa.values())
+    for i in sa:
+        for key in ("z", "exp_avg_sq", "remainder"):
+            assert torch.equal(sa[i][key], sb[i][key]), (i, key)
 
 
 def test_zero_optimizer_is_refused_before_the_first_step(tmp_path):
