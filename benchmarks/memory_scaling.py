@@ -31,6 +31,7 @@ from _common import environment, spawn_gloo, write_json  # noqa: E402
 
 SYSTEMS = ["zero_sf_s1_fp32", "zero_sf_s2_fp32", "zero_sf_s1_bf16", "zero_sf_s2_bf16",
            "zero_sf_s1_bf16_compressed", "zero_sf_s2_bf16_compressed",
+           "single_zero_sf_bf16", "single_zero_sf_bf16_compressed",
            "fsdp2_zero_sf_fp32", "fsdp2_zero_sf_mixed_bf16",
            "ddp_schedulefree_fp32", "zero_redundancy_adamw_fp32",
            "deepspeed_z1_schedulefree_fp32", "deepspeed_z2_schedulefree_fp32"]
@@ -115,6 +116,12 @@ def _worker(rank, world, system, n_params, out_dir):
         compressed = (dict(state_dtype=torch.bfloat16, master_weights="remainder")
                       if system.endswith("compressed") else {})
         opt = zero_sf.ZeroScheduleFreeAdamW(params, stage=int(system[9]), **compressed)
+        opt.train()
+    elif system.startswith("single_"):  # one device's optimizer; at N > 1 each rank is alone
+        import zero_sf
+        compressed = (dict(state_dtype=torch.bfloat16, master_weights="remainder")
+                      if system.endswith("compressed") else {})
+        opt = zero_sf.ScheduleFreeAdamW(params, **compressed)
         opt.train()
     elif system.startswith("fsdp2"):
         import zero_sf
