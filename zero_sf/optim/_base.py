@@ -135,6 +135,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self._grads: dict[int, Tensor] = {}
         self._switch_hooks: list = []
         self._bases: dict[int, int] = {}
+        self._base_cache: tuple = (None, {})
         self._versions: dict[int, int] = {}
         self._writes_tracked_outside = False
 
@@ -183,17 +184,25 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         offset in the full parameter."""
         if self._bases:
             return [self._bases[id(p)] for p in params]
-        bases, acc = {}, 0
-        for group in self.param_groups:
-            by_dtype: dict = {}
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_dtype.setdefault(p.dtype, []).append(p)
-            for members in by_dtype.values():
-                for p in members:
-                    bases[id(p)] = acc
-                    acc += p.numel()
-        return [bases.get(id(p), 0) + _local_offset(p) for p in params]
+        # Computed once per parameter list (a DTensor's offset costs a layout
+        # computation): the key changes with add_param_group, requires_grad
+        # or dtype changes.
+        key = tuple((id(p), p.requires_grad, p.dtype) for g in self.param_groups
+                    for p in g["params"])
+        if self._base_cache[0] != key:
+            bases, acc = {}, 0
+            for group in self.param_groups:
+                by_dtype: dict = {}
+                for p in group["params"]:
+                    if p.requires_grad:
+                        by_dtype.setdefault(p.dtype, []).append(p)
+                for members in by_dtype.values():
+                    for p in members:
+                        bases[id(p)] = acc + _local_offset(p)
+                        acc += p.numel()
+            self._base_cache = (key, bases)
+        bases = self._base_cache[1]
+        return [bases[id(p)] if id(p) in bases else _local_offset(p) for p in params]
 
     @staticmethod
     def _sr(group: dict[str, Any], step: int, params: list[Tensor]) -> Optional[tuple[int, int]]:
@@ -370,6 +379,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_grads", {})
         self.__dict__.setdefault("_switch_hooks", [])
         self.__dict__.setdefault("_bases", {})
+        self.__dict__.setdefault("_base_cache", (None, {}))
         self.__dict__.setdefault("_versions", {})
         self.__dict__.setdefault("_writes_tracked_outside", False)
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
