@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from .optim import RMSProp, ScheduleFreeAdamW
-from .optim._base import STORAGE_KEYS, ZeroSFOptimizer, state_dtype_for
+from .optim._base import KEEP_ON_LOAD, ZeroSFOptimizer, state_dtype_for
 
 __all__ = ["OPTIMIZERS", "register", "check_config", "initialize", "eval", "train",
            "load_checkpoint"]
@@ -321,7 +321,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
         basic.import_param_state(state)
         # how state is stored stays this optimizer's choice, not the checkpoint's
         group.update({k: v for k, v in saved_groups[i].items()
-                      if k != "params" and k not in STORAGE_KEYS + ("backend",)})
+                      if k != "params" and k not in KEEP_ON_LOAD})
     if engine.optimizer is not basic:  # the fp32 partitions into the model's params
         engine.optimizer.update_lp_params()
     model_file = os.path.join(folder, "mp_rank_00_model_states.pt")

@@ -39,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "mix32",
     "sr_key",
+    "sr_keys",
     "random_bits",
     "round_stochastic",
     "store_state",
@@ -114,6 +115,12 @@ def _mix32_t(x: Tensor) -> Tensor:
 def sr_key(seed: int, step: int, stream: int) -> int:
     """The 32-bit key of one random stream in one step (host)."""
     return mix32(mix32(mix32(seed) ^ (step & _M32)) ^ (step >> 32) ^ (stream + 1))
+
+
+def sr_keys(sr: tuple[int, int]) -> tuple[int, int]:
+    """The keys of random streams 0 and 1 in step ``sr = (seed, step)``: what
+    the fused backends take (a lane l uses stream l // 2)."""
+    return sr_key(sr[0], sr[1], 0), sr_key(sr[0], sr[1], 1)
 
 
 def random_bits(numel: int, index_base: int, key: int, device=None) -> Tensor:

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..spec import sr_key
+from ..spec import sr_keys
 
 __all__ = ["available", "library", "sf_adamw", "rmsprop", "sf_interpolate", "eligible"]
 
@@ -191,12 +191,11 @@ def _groups(rows, key):
 
 
 def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
-    """The state dtype and the stochastic-rounding keys (spec.sr_key)."""
+    """The state dtype and the stochastic-rounding keys (spec.sr_keys)."""
     args.dt_s = _DTYPES[state_dtype]
     args.sr = int(sr is not None and state_dtype == torch.bfloat16)
     if args.sr:
-        for stream in (0, 1):
-            args.key[stream] = sr_key(sr[0], sr[1], stream)
+        args.key[0], args.key[1] = sr_keys(sr)
     return args
 
 

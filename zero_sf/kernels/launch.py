@@ -116,7 +116,8 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compre
     flat_consts = dict(HAS_REM=compressed["HAS_REM"], SR=compressed["SR"])
     for index in _buckets(roles):
         own = [i for i in index if own_only or roles[0][i].numel() >= _OWN_LAUNCH_NUMEL]
-        batched = [i for i in index if i not in set(own)]
+        own_set = set(own)
+        batched = [i for i in index if i not in own_set]
         if len(batched) == 1:
             own, batched = own + batched, []
         for i in own:
@@ -140,13 +141,13 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compre
 
 
 def _compressed(remainders, sr, index_bases, state_dtype) -> dict:
-    from ..spec import sr_key
+    from ..spec import sr_keys
 
     has_rem = remainders is not None
     on = sr is not None and state_dtype == torch.bfloat16
     out = dict(HAS_REM=has_rem, SR=on)
     if on:  # the keys of random streams 0 and 1 (spec.lane_bits)
-        out.update(bases=list(index_bases), keys=[sr_key(sr[0], sr[1], s) for s in (0, 1)])
+        out.update(bases=list(index_bases), keys=list(sr_keys(sr)))
     return out
 
 

@@ -35,6 +35,10 @@ STATE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                 "float32": "float32", "bfloat16": "bfloat16", "fp32": "float32", "bf16": "bfloat16"}
 ROUNDINGS = ("stochastic", "nearest")
 STORAGE_KEYS = ("state_dtype", "state_rounding", "master_weights")
+# What the sharded loaders (zero_sf.load, zsd.load_checkpoint) keep from the
+# loading optimizer: how state is stored, and the backend (a checkpoint of a
+# GPU run that named "triton" loads on a CPU).
+KEEP_ON_LOAD = STORAGE_KEYS + ("backend",)
 
 
 def state_dtype_name(value: Any) -> Optional[str]:
@@ -222,15 +226,20 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
             return None
         out = []
         for p in params:
-            state = self.state[p]
-            rem = state.get("remainder")
-            if rem is None:
-                rem = state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
-            elif (not self._writes_tracked_outside
-                  and self._versions.get(id(p), p._version) != p._version):
+            fresh = "remainder" not in self.state[p]
+            rem = self.remainder_of(p)
+            if (not fresh and not self._writes_tracked_outside
+                    and self._versions.get(id(p), p._version) != p._version):
                 rem.zero_()
             out.append(rem)
         return out
+
+    def remainder_of(self, p: Tensor) -> Tensor:
+        """``p``'s int16 remainder, created as zeros (y = the bf16 parameter)."""
+        state = self.state[p]
+        if "remainder" not in state:
+            state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
+        return state["remainder"]
 
     def _mark_written(self, params: list[Tensor], remainders=()) -> None:
         """Record the version counters after our own writes (a torch-path

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
-from ..optim._base import STORAGE_KEYS, host_float, state_dtype_for
+from ..optim._base import KEEP_ON_LOAD, host_float, state_dtype_for
 from . import comm
 from .grads import FullGrads, ShardedGrads
 from .layout import build_layout
@@ -41,10 +41,6 @@ from .params import FlatParams
 __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
 
 _HYPER_SKIP = ("params", "param_names")
-# How state is stored, not where training is: a checkpoint saved with fp32
-# state loads into bf16 state and back (converted), so these stay the loader's.
-# (and the backend: a checkpoint of a GPU run that named "triton" loads on a CPU)
-_KEEP_ON_LOAD = STORAGE_KEYS + ("backend",)
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -457,12 +453,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         for (bi, bk), y32 in joined.items():
             chunk = self.weights.y_chunks[bi][bk]
-            state = self.inner.state[chunk]
-            if "remainder" not in state:
-                state["remainder"] = torch.zeros_like(chunk, dtype=torch.int16)
             hi, lo = split_master(y32)
             chunk.copy_(hi)
-            state["remainder"].copy_(lo)
+            self.inner.remainder_of(chunk).copy_(lo)
 
     def ensure_state(self, keys) -> None:
         """Create the inner optimizer's elementwise state ``keys`` (zeros) where
@@ -497,7 +490,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def load_scalar_state(self, scalars: list[dict[str, Any]]) -> None:
         for group, saved in zip(self.inner.param_groups, scalars):
             for k, v in saved["group"].items():  # JSON turned tuples (betas) into lists
-                if k in _KEEP_ON_LOAD:  # this optimizer's storage format, not the saved one
+                if k in KEEP_ON_LOAD:  # this optimizer's storage format, not the saved one
                     continue
                 group[k] = tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v
             for y in group["params"]:
