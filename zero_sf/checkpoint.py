@@ -50,8 +50,9 @@ from .sharding.zero import ZeroOptimizer
 
 __all__ = ["save", "load", "CheckpointError"]
 
-_FORMAT = "zero_sf/2"
-_READABLE = ("zero_sf/1", "zero_sf/2")  # /1: no checksums, no group structure
+_FORMAT = "zero_sf/3"
+# /1: no checksums, no group structure; /2: no checksum of the metadata itself
+_READABLE = ("zero_sf/1", "zero_sf/2", "zero_sf/3")
 _VERSION = re.compile(r"^v-(\d{6})-[0-9a-f]+$")
 _NONNEGATIVE = ("exp_avg_sq", "square_avg")  # second moments: never negative
 
@@ -69,9 +70,14 @@ def _signature(model: nn.Module, optimizer: ZeroOptimizer) -> dict[str, Any]:
     }
 
 
-def _meta_tensor(meta: dict[str, Any]) -> torch.Tensor:
-    # DCP flattens nested dicts into keys; one JSON blob keeps them whole.
-    return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+def _meta_tensors(meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The metadata as one JSON blob (DCP flattens nested dicts into keys),
+    and its CRC-32 beside it: the blob holds the group scalars (k, lr,
+    weight_sum, ...) and the tensors' checksums, so a flipped byte in it
+    would load silently otherwise."""
+    blob = json.dumps(meta).encode()
+    return {"meta": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+            "meta_crc32": torch.tensor([zlib.crc32(blob)], dtype=torch.int64)}
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -188,7 +194,7 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, keep: int = 2
     mine.update({f"model.{k}": _crc(v) for i, (k, v) in enumerate(model_items)
                  if i % optimizer.world_size == optimizer.rank})
     meta["crc32"] = {k: v for part in comm.all_gather_objects(mine, group) for k, v in part.items()}
-    sd["meta"] = _meta_tensor(meta)
+    sd.update(_meta_tensors(meta))
     _agree(group, f"saving checkpoint {target!r}",
            lambda: _dcp(dcp.save, sd, checkpoint_id=target, no_dist=_no_dist(), process_group=group))
 
@@ -272,6 +278,30 @@ def _signature_error(target: str, meta: dict[str, Any], mine: dict[str, Any]) ->
     return None
 
 
+def _read_meta(target: str, entries) -> dict[str, Any]:
+    """The metadata blob, checked against its CRC-32 before it is parsed
+    (format zero_sf/3; older formats have none)."""
+    want = {"meta": torch.empty(entries["meta"].size, dtype=torch.uint8)}
+    if "meta_crc32" in entries:
+        want["meta_crc32"] = torch.empty(entries["meta_crc32"].size, dtype=torch.int64)
+    _dcp(dcp.load, want, checkpoint_id=target, no_dist=True)
+    blob = want["meta"].numpy().tobytes()
+    if "meta_crc32" in want and zlib.crc32(blob) != int(want["meta_crc32"][0]):
+        raise CheckpointError(
+            f"checkpoint {target!r}: its metadata (group scalars, checksums) fails its CRC-32 "
+            f"check (stored {int(want['meta_crc32'][0])}, read {zlib.crc32(blob)}): the "
+            "checkpoint is damaged")
+    try:
+        meta = json.loads(blob.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {target!r}: its metadata is not readable JSON "
+                              f"({e}): the checkpoint is damaged") from e
+    if meta.get("format") == _FORMAT and "meta_crc32" not in want:
+        raise CheckpointError(f"checkpoint {target!r} of format {_FORMAT} lacks the checksum "
+                              "of its metadata: the checkpoint is damaged")
+    return meta
+
+
 def _read(target: str, model: nn.Module, optimizer: ZeroOptimizer):
     """Read and verify everything this rank needs from ``target`` into new
     tensors; write nothing.  Returns (meta, model values, copy plan)."""
@@ -284,9 +314,7 @@ def _read(target: str, model: nn.Module, optimizer: ZeroOptimizer):
     _check_files(target, md)
     if "meta" not in entries:
         raise CheckpointError(f"checkpoint {target!r} has no zero_sf metadata")
-    meta_t = torch.empty(entries["meta"].size, dtype=torch.uint8)
-    _dcp(dcp.load, {"meta": meta_t}, checkpoint_id=target, no_dist=True)
-    meta = json.loads(bytes(meta_t.tolist()).decode())
+    meta = _read_meta(target, entries)
     problem = _signature_error(target, meta, _signature(model, optimizer))
     if problem:
         raise _Mismatch(f"checkpoint {target!r} does not match this model/optimizer "
@@ -306,14 +334,16 @@ def _read(target: str, model: nn.Module, optimizer: ZeroOptimizer):
             if lo < hi:
                 yield f"optim/{index}/{key}/{s0}", s0, n, lo, hi
 
-    # The fp32 y ("master"): from the saved master where the saved model was
-    # low precision, else from the saved (fp32) weights themselves.
-    has_master = any(k == "master" for _, k in saved)
+    # The fp32 y ("master"): from the saved master where the saved parameter
+    # was low precision, else from the saved (fp32) weights themselves -- per
+    # parameter: a bf16 model with fp32 norms saves masters for the bf16 ones.
+    with_master = {index for index, k in saved if k == "master"}
     named = list(model.named_parameters())
     names = {id(p): n for n, p in named}
     reads: dict[str, torch.Tensor] = {}
     plan = []  # (param index, key, offset in the rank's piece, source, offset, length)
     for index, start, length, tensors in optimizer.shard_pieces(y=True):
+        has_master = index in with_master
         if not has_master:
             # by identity; by position where the optimizer holds other tensors
             # than this model's (the same architecture, as the signature checked)
@@ -366,7 +396,7 @@ def _write(model: nn.Module, optimizer: ZeroOptimizer, meta, fresh, plan, reads)
         if torch.is_tensor(v):
             model_sd[k].copy_(v)
     keys = sorted({key for _, _, key, *_ in plan} - {"master"})
-    optimizer.ensure_state(keys)
+    optimizer.reset_state(keys)
     joined: dict = {}  # master_weights="remainder": fp32 y, split after the copies
     pieces = {(index, start): tensors
               for index, start, _, tensors in optimizer.shard_pieces(y=True, joined=joined)}

@@ -309,6 +309,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
         lengths = [t.numel() for t in flats[i]]
         state_i = [sd["base_optimizer_state"]["state"].get(i, {}) for sd in sds]
         state = basic.state[part]
+        state.clear()  # the checkpoint's state, not a merge with what this run stepped to
         group = basic.param_groups[i]
         for key, value in state_i[0].items():
             if torch.is_tensor(value) and value.dim() > 0:

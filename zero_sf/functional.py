@@ -159,18 +159,21 @@ def is_dtensor(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def _local(tensor_lists):
+def _local(tensor_lists, index_bases=None):
     """FSDP2 / DTensor support: the update is elementwise, so each rank
     updates its local shards in place (``to_local()`` aliases the DTensor's
     storage) with the fused kernel, instead of ~10 DTensor-dispatched ops.
     Every role of index i must be laid out like role 0's tensor (same mesh
     and placements), or the local shards would not line up element for
-    element.  Indices whose local shard is empty (uneven sharding) are
-    dropped.  Returns the lists of local tensors."""
+    element.  Indices whose local shard is empty (uneven sharding: a (1, d)
+    parameter at 2 ranks) are dropped from every list, ``index_bases`` (the
+    stochastic rounding's counters, one per index) included, so that every
+    later tensor keeps its own counter.  Returns (the lists of local
+    tensors, the index bases kept)."""
     DTensor = _dtensor_cls()  # looked up once, not per tensor
     first = tensor_lists[0]
     if DTensor is None or not any(isinstance(t, DTensor) for t in first):
-        return tensor_lists
+        return tensor_lists, index_bases
 
     def where(x):
         return (f"DTensor{tuple(x.placements)} on {x.device_mesh}"
@@ -194,9 +197,9 @@ def _local(tensor_lists):
                     "(create optimizer state with torch.zeros_like(param))")
         if local(p).numel() > 0:
             keep.append(i)
-    return [None if role is None else
-            [local(t) if t is not None else None for t in (role[i] for i in keep)]
-            for role in tensor_lists]
+    return ([None if role is None else
+             [local(t) if t is not None else None for t in (role[i] for i in keep)]
+             for role in tensor_lists], _pick(index_bases, keep))
 
 
 def _at(xs, i):
@@ -236,7 +239,8 @@ def sf_adamw(
     ``ys`` (exact fp32 y).  ``sr = (seed, step)``: bf16 state is rounded
     stochastically, element i of tensor j numbered ``index_bases[j] + i``."""
     _check_compressed(ys, remainders, sr, index_bases)
-    ys, grads, zs, vs, y_outs, remainders = _local([ys, grads, zs, vs, y_outs, remainders])
+    (ys, grads, zs, vs, y_outs, remainders), index_bases = _local(
+        [ys, grads, zs, vs, y_outs, remainders], index_bases)
     if not ys:  # e.g. every local shard of this rank is empty
         return
     backend = resolve_backend(backend, ys)
@@ -287,8 +291,9 @@ def rmsprop(
     if centered and grad_avgs is None:
         raise ValueError("centered=True needs grad_avgs")
     _check_compressed(params, remainders, sr, index_bases)
-    params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders = _local(
-        [params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders])
+    (params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders), \
+        index_bases = _local([params, grads, square_avgs, momentum_buffers, grad_avgs,
+                              param_outs, remainders], index_bases)
     if not params:
         return
     backend = resolve_backend(backend, params)
@@ -327,7 +332,7 @@ def sf_interpolate(
     """``p.lerp_(z, weight)`` on lists: the y<->x switch of train()/eval()
     (``remainders``: int16 low bits of bf16 ``ps``, kept exact)."""
     _check_compressed(ps, remainders, None, None)
-    ps, zs, p_outs, remainders = _local([ps, zs, p_outs, remainders])
+    (ps, zs, p_outs, remainders), _ = _local([ps, zs, p_outs, remainders])
     if not ps:
         return
     backend = resolve_backend(backend, ps)

@@ -124,13 +124,47 @@ def _local_offset(p: Tensor) -> int:
     return offset[0] * math.prod(p.shape[1:]) if p.dim() > 0 else 0
 
 
+def remainder_bits(value: Tensor) -> Tensor:
+    """A saved remainder as int16: as saved, or from the bfloat16 view of its
+    bits that FSDP2 state dicts carry (:meth:`ZeroSFOptimizer.export_param_state`)."""
+    if value.dtype == torch.int16:
+        return value
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16)
+    raise ValueError(f"Invalid remainder dtype: {value.dtype} (a remainder is int16, or its "
+                     "bits viewed as bfloat16); is it the state of another optimizer?")
+
+
 def check_int(name: str, value: Any, *, low: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= {low})")
 
 
+def _looks_like(groups: list[dict[str, Any]], state_keys: set[str]) -> str:
+    """A best guess at which optimizer saved a state dict, for the error of
+    :meth:`ZeroSFOptimizer._check_saved_kind`."""
+    keys = {k for g in groups for k in g}
+    if {"exp_avg", "exp_avg_sq"} <= state_keys:
+        adamw = any(g.get("decoupled_weight_decay") for g in groups) or "decoupled_weight_decay" not in keys
+        return "torch.optim.AdamW" if adamw else "torch.optim.Adam"
+    if "dampening" in keys:
+        return "torch.optim.SGD"
+    if "square_avg" in state_keys or "alpha" in keys:
+        return "torch.optim.RMSprop or zero_sf.RMSProp"
+    if "z" in state_keys or "train_mode" in keys:
+        return "a Schedule-Free optimizer"
+    return "another optimizer"
+
+
 class ZeroSFOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_validate_group`` and the step."""
+    """Base class: subclasses define ``_validate_group`` and the step, and
+    what the state dicts they load look like (``_SAVED_GROUP_KEYS``: keys
+    every param group of such a state dict has; ``_SAVED_STATE_KEYS``: the
+    per-parameter state keys it may hold; ``_PEERS``: who saves them)."""
+
+    _SAVED_GROUP_KEYS: tuple[str, ...] = ()
+    _SAVED_STATE_KEYS: frozenset[str] = frozenset()
+    _PEERS = ""
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         check_backend(defaults["backend"])
@@ -360,7 +394,14 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
     # -- state dicts ------------------------------------------------------
     def export_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """One parameter's state as it appears in ``state_dict()`` (the
-        format peers load).  Identity here; subclasses convert host scalars."""
+        format peers load).  A DTensor (FSDP2) remainder travels as its int16
+        bits viewed as bfloat16 (a view: no copy): torch's state-dict API
+        all-gathers it for ``full_state_dict=True``, and neither gloo nor
+        NCCL has a 16-bit integer type.  Every zero_sf loader takes either
+        dtype (:func:`remainder_bits`)."""
+        rem = state.get("remainder")
+        if is_dtensor(rem) and rem.dtype == torch.int16:
+            state = {**state, "remainder": rem.view(torch.bfloat16)}
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -396,10 +437,37 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        # The version counters of our last writes were not kept (they belong
+        # to the old tensors): the parameters as they are now go with their
+        # remainders, so a write from now on (loaded weights) is seen.
+        self._mark_written([p for g in self.param_groups for p in g["params"]])
+
+    def _check_saved_kind(self, state_dict: dict[str, Any]) -> None:
+        """Refuse the state dict of another optimizer (torch.optim.AdamW's in a
+        ScheduleFreeAdamW): torch's load would take its lr, eps and
+        weight_decay, restart k at 0 and keep its exp_avg and step in the
+        state, and so in every later checkpoint."""
+        groups = [g for g in state_dict["param_groups"] if isinstance(g, dict)]
+        state_keys = {k for v in state_dict["state"].values() if isinstance(v, dict) for k in v}
+        lacking = sorted({k for g in groups for k in self._SAVED_GROUP_KEYS if k not in g})
+        foreign = sorted(state_keys - self._SAVED_STATE_KEYS)
+        if not (lacking or foreign):
+            return
+        name = type(self).__name__
+        what = "; ".join(part for part in (
+            lacking and f"its param groups lack {lacking}",
+            foreign and f"its state holds {foreign}") if part)
+        raise ValueError(
+            f"loaded state dict is not a {name} state dict ({what}): it looks like "
+            f"{_looks_like(groups, state_keys)}'s. {name}.load_state_dict loads the state dicts "
+            f"of {self._PEERS}; to continue another optimizer's run with {name}, load the "
+            "model's weights and start this optimizer fresh")
 
     def _pair_saved_ids(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
         """Saved param id -> our param, in torch's pairing order.  Raises
-        ValueError (before anything is loaded) when the groups or shapes differ."""
+        ValueError (before anything is loaded) when the optimizer, the groups
+        or the shapes differ."""
+        self._check_saved_kind(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
                 len(s["params"]) != len(g["params"])
@@ -414,6 +482,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         for index, (old_id, p) in enumerate(id_map.items()):
             saved = state_dict["state"].get(old_id, {})
             for key, value in (saved.items() if isinstance(saved, dict) else ()):
+                if key == "remainder" and isinstance(value, Tensor):
+                    remainder_bits(value)  # raises for a dtype no remainder has
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
                     raise ValueError(
                         f"loaded state {key!r} of parameter {index} has shape "
@@ -460,8 +530,8 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                     # the saved ones.  Without master_weights="remainder" it is
                     # dropped: y is the bf16 parameter.
                     if group.get("master_weights") == "remainder" and isinstance(value, Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=torch.int16,
-                                                      copy=True)
+                        self.state[p][key] = remainder_bits(value).to(device=p.device,
+                                                                      copy=True)
                     else:
                         self.state[p].pop(key, None)
                 elif isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:

@@ -48,6 +48,11 @@ class RMSProp(ZeroSFOptimizer):
     compatibility but must be False; ``foreach`` is accepted and ignored.
     """
 
+    _SAVED_GROUP_KEYS = ("alpha", "momentum", "centered")
+    _SAVED_STATE_KEYS = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg",
+                                   "remainder"})
+    _PEERS = "zero_sf.RMSProp and torch.optim.RMSprop"
+
     def __init__(
         self,
         params,

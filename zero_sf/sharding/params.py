@@ -68,12 +68,12 @@ class FlatParams:
                 comm.broadcast_from_first(flat, process_group)  # as DDP does at start
                 self.flat.append(flat)
                 if (master and state_dtype_for(flat) != flat.dtype) or offload:
-                    master = torch.cat([c.float() for c in self.param_chunks(bi)])
+                    y32 = torch.cat([c.float() for c in self.param_chunks(bi)])
                     if offload:
                         from .offload import host_empty
-                        master = host_empty(master).copy_(master)
-                    self.master.append(master)
-                    self.y_chunks.append(self.split_shard(bi, master))
+                        y32 = host_empty(y32).copy_(y32)
+                    self.master.append(y32)
+                    self.y_chunks.append(self.split_shard(bi, y32))
                 else:
                     self.master.append(None)
                     self.y_chunks.append(self.param_chunks(bi))

@@ -34,7 +34,7 @@ from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
 from ..optim._base import KEEP_ON_LOAD, host_float, state_dtype_for
 from . import comm
-from .grads import FullGrads, ShardedGrads
+from .grads import FullGrads, ShardedGrads, ddp_wrapping
 from .layout import build_layout
 from .params import FlatParams
 
@@ -137,6 +137,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._check_params()
+        self._refuse_ddp()
+        # Frozen now: left out of the flat buffers (no shard, never updated).
+        self._frozen = [i for i, p in enumerate(self._params) if not p.requires_grad]
         self.master_weights = master_weights
         if remainder:
             for i, p in enumerate(self._params):
@@ -215,24 +218,48 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     "directly, which update each rank's local shards with the fused kernel")
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"parameter #{i} has dtype {p.dtype}: real floating point only")
-        signature = [(gi, tuple(p.shape), str(p.dtype), p.requires_grad)
-                     for gi, g in enumerate(self.param_groups) for p in g["params"]]
-        signature.append((self.stage, self.optimizer_class.__name__))
-        signature.extend(("group", gi, sorted((k, repr(v)) for k, v in _hyper(g).items()))
-                         for gi, g in enumerate(self.param_groups))
-        everyone = comm.all_gather_objects(signature, self.process_group)
-        for r, theirs in enumerate(everyone):
-            if theirs != signature:
-                diff = next((i for i, (a, b) in enumerate(zip(signature, theirs)) if a != b),
-                            min(len(signature), len(theirs)))
-                mine = signature[diff] if diff < len(signature) else None
-                other = theirs[diff] if diff < len(theirs) else None
-                what = ("hyperparameters of param group" if mine and mine[0] == "group"
-                        else "parameters")
-                raise ValueError(
-                    f"ZeroOptimizer: {what} differ between rank {self.rank} and rank {r} "
-                    f"at entry #{diff}: {mine} vs {other}; every rank must build the same "
-                    "model and pass the same param groups and hyperparameters")
+        signature = {"stage": self.stage, "optimizer": self.optimizer_class.__name__,
+                     "number of parameters": len(self._params)}
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                i = self._index[id(p)]
+                signature[f"parameter #{i}"] = (f"group {gi}, shape {tuple(p.shape)}, {p.dtype}, "
+                                                f"requires_grad={p.requires_grad}")
+            signature.update((f"param group {gi}: {k}", repr(v)) for k, v in sorted(_hyper(g).items()))
+        _raise_if_ranks_differ(
+            comm.all_gather_objects(signature, self.process_group),
+            "every rank must build the same model and pass the same param groups and "
+            "hyperparameters (parameter values may differ: rank 0's are broadcast, as DDP does)",
+            "at construction")
+
+    def _refuse_ddp(self) -> None:
+        """DDP all-reduces the gradients this optimizer reduce-scatters: under
+        stage 2 its reducer then fails inside backward ("more than one
+        element of the written-to tensor refers to a single memory
+        location"), under stage 1 every gradient crosses the network twice."""
+        wrapper = ddp_wrapping([p for p in self._params if p.requires_grad])
+        if wrapper is not None:
+            raise ValueError(
+                f"ZeroOptimizer got the parameters of a model wrapped in {wrapper}: ZeroOptimizer "
+                "reduces the gradients itself (reduce-scatter, then an all-gather of the updated "
+                "weights), which replaces DDP; build it on the bare model (ZeroOptimizer("
+                "model.parameters(), ...) without DistributedDataParallel(model)), and give "
+                "every rank its own data as with DDP")
+
+    def _check_frozen(self) -> None:
+        """A parameter frozen at construction has no shard: a gradient on it
+        (unfrozen later) would be ignored without a word.  Cost per step:
+        one attribute read per frozen parameter."""
+        for i in self._frozen:
+            if self._params[i].grad is not None:
+                state = ("requires_grad=True now" if self._params[i].requires_grad
+                         else "a .grad set")
+                raise RuntimeError(
+                    f"ZeroOptimizer: parameter {self._param_label(i)} has a gradient, but it had "
+                    f"requires_grad=False when the optimizer was built ({state}), so it has no "
+                    "shard and would never be updated; ZeroOptimizer lays out its flat buffers "
+                    "once: unfreeze parameters before building it (or build a new one after "
+                    "unfreezing), or set their .grad to None")
 
     # ------------------------------------------------------------ gradients
     def _param_label(self, index: int) -> str:
@@ -247,6 +274,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _missing_grad_error(self, indices) -> RuntimeError:
         labels = ", ".join(self._param_label(i) for i in sorted(indices)[:5])
+        frozen = [self._param_label(i) for i in sorted(indices) if not self._params[i].requires_grad]
+        if frozen:
+            return RuntimeError(
+                f"ZeroOptimizer: parameter {', '.join(frozen[:5])} was trainable when the "
+                "optimizer was built and has requires_grad=False now, so it received no gradient; "
+                "ZeroOptimizer lays out its flat buffers once (a frozen parameter in a flat "
+                "buffer would still be updated by weight decay and Schedule-Free's averaging): "
+                "build a new optimizer after freezing, or leave frozen parameters out of it")
         return RuntimeError(
             f"ZeroOptimizer: parameter {labels} requires grad but received no gradient "
             "before step(); every rank must produce a gradient for every parameter "
@@ -255,9 +290,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "seen: run backward after building it")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Discard every gradient accumulated since the last step."""
+        """Discard every gradient accumulated since the last step (the last
+        step's :attr:`grad_norm` stays readable, for logging)."""
         self.grads.clear()
-        self._clip_coef = self._grad_norm = None
+        self._clip_coef = None
 
     def adopt_model_writes(self) -> None:
         """Bring weights the user wrote since our last write into the master
@@ -288,12 +324,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``p.copy_``) and ``p.data = ...`` are picked up automatically."""
         self._forget_remainders(self.weights.adopt_user_writes(force=True))
 
-    def _agreement(self) -> str:
+    def _agreement(self) -> dict[str, str]:
         """What every rank must agree on at every step: the hyperparameters
         (a scheduler stepped on one rank only) and the parameters written
         by the user (weights loaded on one rank only)."""
-        return repr(([sorted((k, repr(v)) for k, v in _hyper(g).items()) for g in self.param_groups],
-                     sorted(self._user_changed)))
+        out = {f"param group {gi}: {k}": repr(v) for gi, g in enumerate(self.param_groups)
+               for k, v in sorted(_hyper(g).items())}
+        out["parameters written since the last step"] = repr(
+            [self._param_label(i) for i in sorted(self._user_changed)])
+        return out
 
     @torch.no_grad()
     def _global_norm(self) -> float:
@@ -308,7 +347,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for chunks in self.grads.chunks:
             for g in chunks:
                 sq += g.float().pow(2).sum()
-        hashes = _hash_parts(self._agreement())
+        agreement = self._agreement()
+        hashes = _hash_parts(repr(sorted(agreement.items())))
         vec = torch.tensor([0.0] + [x for h in hashes for x in (h, h * h)],
                            dtype=torch.float64, device=self.device)
         vec[0] = sq
@@ -316,12 +356,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         sums = vec.tolist()
         n = self.world_size
         if any(n * sums[2 + 2 * j] != sums[1 + 2 * j] ** 2 for j in range(3)):
-            everyone = comm.all_gather_objects(self._agreement(), self.process_group)
-            detail = next(f"rank {r}: {a}" for r, a in enumerate(everyone) if a != everyone[0])
-            raise ValueError(
-                "ZeroOptimizer: ranks disagree on the hyperparameters or on which parameters "
-                f"the user changed since the last step (rank 0: {everyone[0]}; {detail}); "
-                "set learning rates, step schedulers and load weights on every rank alike")
+            _raise_if_ranks_differ(
+                comm.all_gather_objects(agreement, self.process_group),
+                "set learning rates, step schedulers and load weights on every rank alike",
+                "at step()")
         return math.sqrt(sums[0]) / self.world_size
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -347,6 +385,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        self._check_frozen()
         self._sync_hyper_in()
         if not all(g.get("train_mode", True) for g in self.inner.param_groups):
             from ..optim.schedule_free import eval_mode_error
@@ -392,7 +431,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._sync_hyper_in()
         fn()
         if self.staging is not None:
-            self.staging.outs_to_device()
+            # The host y is the truth: the staging copies of y hold what the
+            # last *step* wrote (nothing before the first step), and a switch
+            # writes no staging copy where it changes nothing (no z yet, the
+            # mode it already had), so they may be stale or uninitialized.
+            self.weights.master_to_model()
         self.weights.gather(self.process_group)
         self._sync_hyper_out()
 
@@ -457,16 +500,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             chunk.copy_(hi)
             self.inner.remainder_of(chunk).copy_(lo)
 
-    def ensure_state(self, keys) -> None:
-        """Create the inner optimizer's elementwise state ``keys`` (zeros) where
-        missing, so a checkpoint can be loaded before the first step."""
+    def reset_state(self, keys) -> None:
+        """Make the inner optimizer's state exactly the elementwise ``keys``
+        (zeros, for a checkpoint to fill), as in a fresh optimizer: what it
+        held before is dropped, so loading a checkpoint saved before the
+        first step into an optimizer that has stepped since does not keep
+        the later z, exp_avg_sq or RMSProp step count.  Remainders are
+        kept: the load writes them with the master (:meth:`store_master`)."""
         group_of = {id(y): g for g in self.inner.param_groups for y in g["params"]}
         for chunks in self.weights.y_chunks:
             for y in chunks:
                 st = self.inner.state[y]
+                for k in [k for k in st if k != "remainder"]:
+                    del st[k]
                 for k in keys:
-                    if k not in st:
-                        st[k] = torch.zeros_like(y, dtype=state_dtype_for(y, group_of[id(y)]))
+                    st[k] = torch.zeros_like(y, dtype=state_dtype_for(y, group_of[id(y)]))
 
     def scalar_state(self) -> list[dict[str, Any]]:
         """Per group: hyperparameters and step scalars, plus the inner
@@ -503,6 +551,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The unsharded state dict of ``optimizer_class`` for these params,
         on every rank (collective).  ``zero_sf.ScheduleFreeAdamW`` (and
         ``schedulefree.AdamWScheduleFree``) load it directly."""
+        self.adopt_model_writes()  # weights written since the last step are y
         full: dict[int, dict[str, Any]] = {}
         scalars = self.scalar_state()
         for bi, buf in enumerate(self.buffers):
@@ -554,6 +603,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # offload: host copies of the gradient shard and of y in the model's dtype
             "host_staging": self.staging.nbytes() if self.staging is not None else 0,
         }
+
+
+def _raise_if_ranks_differ(everyone: list[dict[str, Any]], fix: str, when: str) -> None:
+    """ValueError naming the first entry on which a rank differs from rank
+    0, with both values (``param group 0: lr: 0.002 on rank 1, 0.001 on rank
+    0``): the same message on every rank, since all see ``everyone``."""
+    first = everyone[0]
+    for r, theirs in enumerate(everyone):
+        if theirs == first:
+            continue
+        key = next(k for k in list(first) + list(theirs)
+                   if first.get(k, "<missing>") != theirs.get(k, "<missing>"))
+        raise ValueError(
+            f"ZeroOptimizer: ranks differ {when}: {key}: {theirs.get(key, '<missing>')} on "
+            f"rank {r}, {first.get(key, '<missing>')} on rank 0; {fix}")
 
 
 def _check_process_group(process_group) -> None:
