@@ -155,6 +155,19 @@ class _DropOurUntestedWarning(logging.Filter):
         return "untested optimizer" not in record.getMessage()
 
 
+def _check_contiguous(model: torch.nn.Module) -> None:
+    """DeepSpeed's engine broadcasts every parameter as bytes
+    (``p.data.view(torch.uint8)``), which fails deep inside it for a
+    channels_last conv weight; say so before anything starts."""
+    for name, p in model.named_parameters():
+        if not p.is_contiguous():
+            raise ValueError(
+                f"parameter {name!r} (shape {tuple(p.shape)}, stride {p.stride()}) is not "
+                "contiguous, e.g. a channels_last conv weight; DeepSpeed's engine needs "
+                "contiguous parameters: call model.to(memory_format=torch.contiguous_format) "
+                "before zero_sf.deepspeed.initialize")
+
+
 def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
     """``deepspeed.initialize`` with :func:`register` and :func:`check_config`
     applied first.  Same signature and return value."""
@@ -164,6 +177,9 @@ def initialize(*args, config: Any = None, optimizer: Any = None, **kwargs):
     if config is None and "config_params" in kwargs:
         config = kwargs.pop("config_params")
     cfg = check_config(config, optimizer)
+    model = kwargs.get("model", args[1] if len(args) > 1 else None)
+    if isinstance(model, torch.nn.Module):
+        _check_contiguous(model)
     from deepspeed.utils import logger
 
     quiet = _DropOurUntestedWarning()

@@ -59,6 +59,7 @@ class Scenario:
     freeze_first: bool = False       # the first parameter frozen at construction
     ops: tuple = ()
     expect: Optional[str] = None     # misuse: "ErrorType: text of the message"
+    pinned: Optional[str] = None     # a regression test's scenario: that test's node id
 
     @property
     def ranks_needed(self) -> int:
@@ -74,9 +75,11 @@ class Scenario:
         fields = dataclasses.asdict(self)
         default = {f.name: f.default for f in dataclasses.fields(self)}
         return ", ".join(f"{k}={v!r}" for k, v in fields.items()
-                         if k not in ("pool", "seed", "ops") and v != default.get(k)) + f", ops={self.ops}"
+                         if k not in ("pool", "seed", "ops", "pinned") and v != default.get(k)) + f", ops={self.ops}"
 
     def reproducer(self) -> str:
+        if self.pinned:
+            return f"python -m pytest {self.pinned}"
         return f"python -m tests.scenarios --pool {self.pool} --seed {self.seed}"
 
 
@@ -107,10 +110,6 @@ def _ops(rng: random.Random, sc: dict) -> list:
         elif saved and rng.random() < 0.4:
             ops.append(("load",))
             saved = False
-    if ops[-1] == ("load_weights",):
-        # loaded weights reach the optimizer's state at its next step or
-        # switch: compare that state after one
-        ops.append(("step", 1, False))
     if sf and rng.random() < 0.7:
         ops.append(("eval",))
     return ops
@@ -166,6 +165,10 @@ def generate(seed: int, pool: str = "torch") -> Scenario:
         ops = [op for op in sc["ops"] if op[0] not in ("save", "load")]
         cut = steps[len(steps) // 2] + 1
         sc["ops"] = tuple(ops[:cut] + [("save",), ("load",)] + ops[cut:])
+    if sc["ops"][-1] == ("load_weights",):
+        # loaded weights reach the optimizer's state at its next step or
+        # switch: compare that state after one
+        sc["ops"] += (("step", 1, False),)
     if sc.get("master_weights") == "remainder":  # two ways to ask for it where it cannot apply
         if sc.get("offload"):
             sc["expect"] = "ValueError: offload='cpu' with master_weights='remainder'"

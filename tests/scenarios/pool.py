@@ -46,13 +46,14 @@ def _rank_main(rank: int, world: int, store: str, root: str, pool: str, seeds: l
     import warnings
 
     warnings.filterwarnings("ignore")
-    from .generate import generate
+    from .generate import Scenario, generate
     from .run import Ctx, run_scenario
 
     ctx = Ctx(rank, groups, root)
     override = json.loads(os.environ.get("ZERO_SF_SCENARIO_OVERRIDE", "{}"))  # debugging
-    for seed in seeds:
-        sc = generate(seed, pool)
+    for item in seeds:
+        sc = item if isinstance(item, Scenario) else generate(item, pool)
+        seed = sc.seed
         if override:
             sc = dataclasses.replace(sc, **{k: tuple(map(tuple, v)) if k == "ops" else v
                                             for k, v in override.items()})
@@ -86,9 +87,10 @@ def _read(out: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_pool(pool: str, seeds: list[int]) -> list[dict]:
-    """Run every seed; one result per seed, in order."""
-    from .generate import POOLS, generate
+def run_pool(pool: str, seeds: list) -> list[dict]:
+    """Run every seed (or pinned :class:`Scenario`, a regression test's);
+    one result per item, in order."""
+    from .generate import POOLS, Scenario, generate
 
     world = POOLS[pool][1]
     results: list[dict] = []
@@ -120,10 +122,11 @@ def run_pool(pool: str, seeds: list[int]) -> list[dict]:
             results += done
             remaining = remaining[len(done):]
             if remaining:  # the pool died inside this seed: what its ranks said first
-                seed = remaining.pop(0)
+                item = remaining.pop(0)
+                sc = item if isinstance(item, Scenario) else generate(item, pool)
+                seed = sc.seed
                 said = [f"rank {r}: {m}" for r in range(world) for rec in _read(f"{out}.rank{r}")
                         if rec["seed"] == seed for m in rec["failures"]]
-                sc = generate(seed, pool)
                 results.append({"seed": seed, "scenario": sc.describe(), "engine": sc.engine,
                                 "reproducer": sc.reproducer(), "seconds": None,
                                 "failures": said + [f"the pool died: {error or 'no result'}"]})

@@ -162,15 +162,15 @@ class Reference:
             each = range(len(grads))
             if engine == "zero" and stage == 1:
                 g = ranks([passes_([grads[k][r][i] for k in each]) for r in range(world)])
-            elif engine in ("zero", "deepspeed"):
+            elif engine == "zero":
                 g = passes_([ranks([grads[k][r][i] for r in range(world)]) for k in each])
-            elif engine == "fsdp2":
+            elif engine in ("fsdp2", "deepspeed"):  # averaged by the engine (exact: N = 2)
                 g = passes_([ranks([grads[k][r][i] for r in range(world)]) / world for k in each])
             else:
                 g = passes_([grads[k][0][i] for k in each])
             q = self.opt_param[n]
             q.grad = g.to(q.dtype) if q.dtype == torch.float32 else g
-            scale = world if engine in ("zero", "deepspeed") else 1
+            scale = world if engine == "zero" else 1
             sq += (g.double() / scale).square().sum().item()
         return math.sqrt(sq)
 
@@ -421,7 +421,11 @@ class DeepSpeed(Engine):
         super().__init__(sc, ctx, world, init_seed, model)
         import zero_sf.deepspeed as zsd
 
-        self.model = M.build(sc.model, init_seed)  # DeepSpeed casts it for bf16
+        # DeepSpeed's bf16 casts the parameters, not the buffers (a float32
+        # buffer then makes the forward fp32): cast it all, as users do
+        self.model = M.to_dtype(M.build(sc.model, init_seed), sc.dtype)
+        for p in self.model.parameters():  # zsd.initialize refuses channels_last ones
+            p.data = p.data.contiguous()
         if sc.freeze_first:
             next(self.model.parameters()).requires_grad_(False)
         cls, kw = _rule(sc)
@@ -596,6 +600,10 @@ def _run_ops(sc: Scenario, ctx: Ctx, fail: Failures) -> None:
                     if not math.isclose(got, norm, rel_tol=1e-5, abs_tol=1e-12):
                         fail.append(f"{where}: gradient norm {got!r}, the reference's {norm!r}")
                     scale = min(1.0, sc.max_norm / (got + 1e-6)) / world
+                elif sc.engine == "deepspeed" and sc.max_norm is not None:
+                    # DeepSpeed's coefficient from its own norm (summed in its
+                    # order: compared with a tolerance, Scenario.exact)
+                    scale = min(1.0, sc.max_norm / (norm + 1e-6))
                 ref.step(grad_scale=scale)
             step += 1
         elif kind == "load_weights":

@@ -175,6 +175,9 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self._bases: dict[int, int] = {}
         self._base_cache: tuple = (None, {})
         self._versions: dict[int, int] = {}
+        # id(p) -> the bf16 weights a loaded remainder was saved with, until
+        # the next step compares them with p (see _remainders)
+        self._loaded_bases: dict[int, Tensor] = {}
         self._writes_tracked_outside = False
 
     def add_switch_hook(self, hook) -> None:
@@ -262,7 +265,16 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         for p in params:
             fresh = "remainder" not in self.state[p]
             rem = self.remainder_of(p)
-            if (not fresh and not self._writes_tracked_outside
+            base = self._loaded_bases.pop(id(p), None)
+            if base is not None:
+                # A loaded remainder goes with the weights it was saved with,
+                # wherever they are now: DCP's set_state_dict loads the
+                # optimizer first and the model after (a write we cannot tell
+                # from a user's), torch and HF the other way round.  Kept
+                # where p still holds them, zeroed where something else was
+                # written (y = that value).
+                rem.masked_fill_(p.detach() != base, 0)
+            elif (not fresh and not self._writes_tracked_outside
                     and self._versions.get(id(p), p._version) != p._version):
                 rem.zero_()
             out.append(rem)
@@ -410,6 +422,14 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         # own tests add ``state["test"] = 1``): only per-parameter dicts convert.
         sd["state"] = {k: self.export_param_state(v) if isinstance(v, dict) else v
                        for k, v in sd["state"].items()}
+        # A remainder travels with the bf16 weights it completes
+        # ("remainder_base", a reference, not a copy): a load keeps it only
+        # where the parameter holds them (_remainders), in whichever order the
+        # model and the optimizer are loaded.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for k, v in sd["state"].items():  # (v may be our live state dict: not written)
+            if isinstance(v, dict) and "remainder" in v and isinstance(k, int) and k < len(params):
+                sd["state"][k] = {**v, "remainder_base": params[k].detach()}
         return sd
 
     def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -431,6 +451,7 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_bases", {})
         self.__dict__.setdefault("_base_cache", (None, {}))
         self.__dict__.setdefault("_versions", {})
+        self.__dict__.setdefault("_loaded_bases", {})
         self.__dict__.setdefault("_writes_tracked_outside", False)
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
         # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
@@ -525,7 +546,13 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                 continue
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             for key, value in saved.items():
-                if key == "remainder":
+                if key == "remainder_base":
+                    self.state[p].pop(key, None)  # not state: checked at the next step
+                    if (group.get("master_weights") == "remainder" and isinstance(value, Tensor)
+                            and "remainder" in saved):
+                        self._loaded_bases[id(p)] = value.to(device=p.device, dtype=p.dtype,
+                                                             copy=True)
+                elif key == "remainder":
                     # torch's load cast it to the param's dtype; the int16 bits are
                     # the saved ones.  Without master_weights="remainder" it is
                     # dropped: y is the bf16 parameter.

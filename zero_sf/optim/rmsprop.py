@@ -50,7 +50,7 @@ class RMSProp(ZeroSFOptimizer):
 
     _SAVED_GROUP_KEYS = ("alpha", "momentum", "centered")
     _SAVED_STATE_KEYS = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg",
-                                   "remainder"})
+                                   "remainder", "remainder_base"})
     _PEERS = "zero_sf.RMSProp and torch.optim.RMSprop"
 
     def __init__(

@@ -83,7 +83,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
 
     # schedulefree.AdamWScheduleFree's state dicts load too (the same keys).
     _SAVED_GROUP_KEYS = ("k", "train_mode", "weight_sum", "lr_max", "betas", "warmup_steps")
-    _SAVED_STATE_KEYS = frozenset({"z", "exp_avg_sq", "remainder"})
+    _SAVED_STATE_KEYS = frozenset({"z", "exp_avg_sq", "remainder", "remainder_base"})
     _PEERS = "zero_sf.ScheduleFreeAdamW and schedulefree.AdamWScheduleFree"
 
     def __init__(
