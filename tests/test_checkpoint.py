@@ -440,3 +440,34 @@ def test_flipped_bytes_inside_a_tensor_fail_its_checksum(tmp_path):
     fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
     with pytest.raises(zero_sf.CheckpointError, match="optim/0/z/0 fails its CRC-32 check"):
         zero_sf.load(root, _model(torch.float32), fresh, fallback=False)
+
+
+@pytest.mark.parametrize("field", ["k", "lr"])
+def test_edited_metadata_fails_its_checksum(tmp_path, field):
+    """Issue #21 item 4: the JSON blob of the group scalars had no checksum,
+    so an edited (or bit-flipped) k or lr loaded silently.  One process:
+    the blob edited in place, same length, still valid JSON."""
+    from torch.distributed.checkpoint import FileSystemReader
+    root = str(tmp_path)
+    model = _model(torch.float32)
+    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
+    opt.train()
+    _steps(model, opt, 0, 1, range(3))
+    zero_sf.save(root, model, opt)
+    version = os.path.dirname(_latest_files(root)[0])
+    info = next(i for k, i in FileSystemReader(version).read_metadata().storage_data.items()
+                if k.fqn == "meta")
+    file = os.path.join(version, info.relative_path)
+    with open(file, "r+b") as f:
+        f.seek(info.offset)
+        item = f.read(info.length)
+        key = f'"{field}": '.encode()
+        at = item.index(key) + len(key)  # the value's first digit: 3 -> 4, 0.01 -> 1.01
+        digit = item[at:at + 1] if item[at:at + 1].isdigit() else item[at + 1:at + 2]
+        at += 0 if item[at:at + 1].isdigit() else 1
+        f.seek(info.offset + at)
+        f.write(str((int(digit) + 1) % 10).encode())
+    fresh = zero_sf.ZeroOptimizer(_model(torch.float32).parameters(), **LAYOUT, **SF_KW)
+    with pytest.raises(zero_sf.CheckpointError, match="its metadata .* fails its CRC-32 check"):
+        zero_sf.load(root, _model(torch.float32), fresh, fallback=False)
+    assert fresh.param_groups[0]["k"] == 0 and not fresh.inner.state

@@ -189,3 +189,26 @@ def test_alpha_above_one_accepted_like_torch():
     ref = torch.optim.RMSprop(ref_p, alpha=1.5)
     ours = zero_sf.RMSProp(ours_p, alpha=1.5)
     assert ours.defaults["alpha"] == ref.defaults["alpha"] == 1.5
+
+
+@pytest.mark.parametrize("other_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_another_optimizers_state_dict_is_refused_before_any_change(other_cls):
+    """Issue #21 item 5, for RMSProp: a state dict of another optimizer is
+    refused naming both (torch.optim.RMSprop's loads)."""
+    params = clone_params([(4, 3), (7,)])()
+    opt = zero_sf.RMSProp(params, lr=1e-2)
+    for s in range(2):
+        set_grads(params, random_grads(params, torch.Generator().manual_seed(s)))
+        opt.step()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    other = other_cls(copies, lr=0.5)
+    set_grads(copies, random_grads(copies, torch.Generator().manual_seed(3)))
+    other.step()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"is not a RMSProp state dict .*it looks like "
+                                         rf"torch.optim.{other_cls.__name__}\b"):
+        opt.load_state_dict(other.state_dict())
+    assert_unchanged(before, snapshot(opt, params))
+    peer = torch.optim.RMSprop(copies, lr=1e-2)
+    peer.step()
+    opt.load_state_dict(peer.state_dict())  # the peer's loads

@@ -272,3 +272,33 @@ def test_state_dict_and_pickle_round_trips_keep_the_same_keys():
         for o in (other, again):
             assert o.state_dict()["param_groups"][0].keys() == sd["param_groups"][0].keys(), cls
             assert o.defaults.keys() == opt.defaults.keys(), cls
+
+
+@pytest.mark.parametrize("other_cls", [torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop])
+def test_another_optimizers_state_dict_is_refused_before_any_change(other_cls):
+    """Issue #21 item 5: torch.optim.AdamW's state dict was accepted: its
+    lr/eps/weight_decay replaced ours, k restarted at 0 and its exp_avg and
+    step stayed in the state (and in every later checkpoint).  schedulefree
+    raises too."""
+    opt, params = _trained()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    other = other_cls(copies, lr=0.5)
+    set_grads(copies, random_grads(copies, torch.Generator().manual_seed(3)))
+    other.step()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"is not a ScheduleFreeAdamW state dict .*it looks like "
+                                         rf"torch.optim.{other_cls.__name__}\b"):
+        opt.load_state_dict(other.state_dict())
+    assert_unchanged(before, snapshot(opt, params))
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["k"] == 3
+
+
+def test_schedulefree_state_dict_still_loads():
+    """The peer whose state dicts are accepted: schedulefree.AdamWScheduleFree's."""
+    params = clone_params([(4, 3), (7,)])()
+    peer = schedulefree.AdamWScheduleFree(params, lr=1e-2)
+    peer.train()
+    _run(peer, params, [random_grads(params, torch.Generator().manual_seed(s)) for s in range(2)])
+    opt = zero_sf.ScheduleFreeAdamW([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    opt.load_state_dict(peer.state_dict())
+    assert opt.param_groups[0]["k"] == 2

@@ -126,3 +126,27 @@ def test_world_size_without_process_group_raises(monkeypatch):
         zero_sf.ZeroScheduleFreeAdamW(nn.Linear(2, 2).parameters())
     monkeypatch.setenv("WORLD_SIZE", "1")
     zero_sf.ZeroScheduleFreeAdamW(nn.Linear(2, 2).parameters())
+
+
+# Issue #21: the configurations users run, as pinned scenarios (the engine
+# against the single-process reference, tests/scenarios).
+def test_bf16_models_with_decay_groups_and_fp32_norms_train_as_one_process():
+    """Item 1: any bf16 model with two flat buffers (decay/no-decay groups, or
+    fp32 norms in a bf16 model), and offload with two groups, crashed at
+    construction ("Boolean value of Tensor with more than one value")."""
+    from tests.scenarios.pinned import check, pin
+
+    steps = (("train",), ("step", 1, False), ("step", 2, False), ("step", 1, False), ("eval",))
+    check(pin("gpt2 bf16 decay groups", engine="zero", world=2, model="gpt2", dtype="bf16",
+              grouping="decay", ops=steps),
+          pin("llama bf16 fp32 norms", engine="zero", world=3, model="llama",
+              dtype="bf16+fp32norms", stage=1, ops=steps),
+          pin("llama bf16 fp32 norms resharded", engine="zero", world=2, model="llama",
+              dtype="bf16+fp32norms", grouping="decay", reshard_to=3,
+              ops=(("train",), ("step", 1, False), ("save",), ("load",), ("step", 1, False),
+                   ("eval",))),
+          pin("bert bf16 per-layer lr rmsprop", engine="zero", world=2, model="bert", dtype="bf16",
+              grouping="per_layer_lr", rule="rmsprop", bucket_numel=300,
+              ops=(("step", 1, False), ("step", 1, False))),
+          pin("fp32 two groups offload", engine="zero", world=2, model="awkward", dtype="fp32",
+              grouping="decay", offload=True, ops=steps))

@@ -365,3 +365,36 @@ def test_a_backward_before_construction_is_named_in_the_error():
     with pytest.raises(RuntimeError, match="run backward after building it"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model))
+
+
+def test_offload_mode_switches_before_the_first_step_and_after_loads():
+    """Issue #21 item 2: with offload="cpu", train() before the first step
+    (the README's loop), an eval() before it, a switch that changes no mode,
+    train() after zero_sf.load and after model.load_state_dict copied the
+    never-written host staging buffer into the model (weights ~1e30 or NaN,
+    every later step skipped, or a silent revert to the old y).  The
+    gradients depend on the weights (real models), or it is invisible."""
+    from tests.scenarios.pinned import check, pin
+
+    check(pin("offload train first", engine="zero", world=2, model="gpt2", dtype="fp32",
+              offload=True, grouping="decay",
+              ops=(("eval",), ("train",), ("step", 1, False), ("train",), ("load_weights",),
+                   ("train",), ("step", 1, False), ("eval",))),
+          pin("offload bf16 resume", engine="zero", world=2, model="llama", dtype="bf16",
+              offload=True, ops=(("train",), ("train",), ("step", 1, False), ("save",),
+                                 ("step", 1, False), ("load",), ("train",), ("step", 1, False),
+                                 ("eval",))))
+
+
+def test_misuse_of_users_habits_raises_before_any_change():
+    """Issue #21 items 7 and 8: a parameter frozen at construction and
+    unfrozen later was never updated, with no error; a model wrapped in DDP
+    failed deep in backward ("more than one element of the written-to
+    tensor refers to a single memory location")."""
+    from tests.scenarios.pinned import check, pin
+
+    check(pin("unfrozen after construction", engine="zero", world=2, model="awkward", dtype="fp32",
+              freeze_first=True, ops=(("train",), ("step", 1, False), ("unfreeze",), ("step", 1, False)),
+              expect="RuntimeError: had requires_grad=False when the optimizer was built"),
+          pin("wrapped in DDP", engine="zero", world=2, model="gpt2", dtype="bf16",
+              expect="ValueError: wrapped in DistributedDataParallel"))
