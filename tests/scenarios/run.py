@@ -75,6 +75,13 @@ def _build_model(sc: Scenario, init_seed: int):
 
 
 # ----------------------------------------------------------------- reference
+def _stale(opt, p) -> bool:
+    """Whether ``p`` was written since ``opt``'s last write: its remainder no
+    longer applies (ZeroSFOptimizer._written_since_our_step)."""
+    return (not opt._writes_tracked_outside
+            and opt._versions.get(id(p), p._version) != p._version)
+
+
 class Reference:
     """The single-process run the engine must reproduce."""
 
@@ -202,10 +209,16 @@ class Reference:
                 q.copy_(torch.where(touched, p.float(), q))
 
     def snapshot(self):
-        return copy.deepcopy((self.model, self.named, self.opt_param, self.opt, self.sched))
+        # which remainders were stale (weights written since the optimizer's
+        # last write): a deep copy's tensors have other ids and versions
+        stale = [_stale(self.opt, self.opt_param[n]) for n, _ in self.named]
+        return copy.deepcopy((self.model, self.named, self.opt_param, self.opt, self.sched)), stale
 
     def restore(self, snap) -> None:
+        snap, stale = snap
         self.model, self.named, self.opt_param, self.opt, self.sched = copy.deepcopy(snap)
+        self.opt._versions = {id(q): q._version - (1 if s else 0)
+                              for (n, _), s in zip(self.named, stale) for q in [self.opt_param[n]]}
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         """The optimizer tensors of one parameter, flat: y (fp32) and its state."""
@@ -213,6 +226,8 @@ class Reference:
         st = {k: v.reshape(-1) for k, v in self.opt.state.get(q, {}).items()
               if torch.is_tensor(v) and v.dim() > 0 and k != "remainder"}
         rem = self.opt.state.get(q, {}).get("remainder")
+        if rem is not None and _stale(self.opt, q):
+            rem = None  # weights written since the last step are y (the next step zeroes it)
         y = zero_sf.spec.join_master(q.detach(), rem) if rem is not None else q.detach().float()
         st["master"] = y.reshape(-1)
         return st
@@ -288,6 +303,8 @@ class Single(Engine):
         st = {k: v.reshape(-1) for k, v in self.opt.state.get(p, {}).items()
               if torch.is_tensor(v) and v.dim() > 0 and k != "remainder"}
         rem = self.opt.state.get(p, {}).get("remainder")
+        if rem is not None and _stale(self.opt, p):
+            rem = None  # as the Reference's
         st["master"] = (zero_sf.spec.join_master(p.detach(), rem) if rem is not None
                         else p.detach().float()).reshape(-1)
         return st

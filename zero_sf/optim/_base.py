@@ -274,11 +274,16 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
                 # where p still holds them, zeroed where something else was
                 # written (y = that value).
                 rem.masked_fill_(p.detach() != base, 0)
-            elif (not fresh and not self._writes_tracked_outside
-                    and self._versions.get(id(p), p._version) != p._version):
+            elif not fresh and self._written_since_our_step(p):
                 rem.zero_()
             out.append(rem)
         return out
+
+    def _written_since_our_step(self, p: Tensor) -> bool:
+        """Whether ``p`` was written by someone else since our last write
+        (its version counter moved), so that its remainder no longer applies."""
+        return (not self._writes_tracked_outside
+                and self._versions.get(id(p), p._version) != p._version)
 
     def remainder_of(self, p: Tensor) -> Tensor:
         """``p``'s int16 remainder, created as zeros (y = the bf16 parameter)."""
@@ -429,7 +434,13 @@ class ZeroSFOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for k, v in sd["state"].items():  # (v may be our live state dict: not written)
             if isinstance(v, dict) and "remainder" in v and isinstance(k, int) and k < len(params):
-                sd["state"][k] = {**v, "remainder_base": params[k].detach()}
+                p = params[k]
+                extra = {"remainder_base": p.detach()}
+                if self._written_since_our_step(p):
+                    # weights loaded since our last write are y exactly (the next
+                    # step would zero the remainder): save them so
+                    extra["remainder"] = torch.zeros_like(v["remainder"])
+                sd["state"][k] = {**v, **extra}
         return sd
 
     def import_param_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class RMSProp(ZeroSFOptimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if len(state) == 0:
+        if "square_avg" not in state:  # (a remainder may be there first)
             dtype = state_dtype_for(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU: no device sync
             state["square_avg"] = torch.full_like(
