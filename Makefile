@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup test test-all demo bench mutants compile-all check clean
+.PHONY: setup test test-all demo bench mutants fuzz compile-all check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py
 	$(PY) benchmarks/fsdp_step.py
 	$(PY) benchmarks/convergence.py
+
+# The scenario generator (tests/scenarios) on random seeds for 30 minutes;
+# every failure prints its seed and reproducer.  MINUTES=N for another budget.
+MINUTES ?= 30
+fuzz: $(STAMP)
+	$(PY) -m tests.scenarios --minutes $(MINUTES) --json fuzz-results.json
 
 # Curated mutation testing (tools/mutants.py): each realistic bug must make
 # its tests fail.  ~20 minutes on 2 cores; run before resolving an issue that
