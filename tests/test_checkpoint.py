@@ -418,11 +418,9 @@ def test_param_group_structure_mismatch_is_refused(tmp_path):
     spawn(_group_structure, 2, str(tmp_path))
 
 
-def test_flipped_bytes_inside_a_tensor_fail_its_checksum(tmp_path):
-    """Bytes flipped inside one tensor's data (headers intact, values still
-    finite and plausible): only the stored CRC-32 can tell.  One process."""
+def _saved_item(root, fqn):
+    """Save 3 steps of one process; the file holding ``fqn`` and its storage info."""
     from torch.distributed.checkpoint import FileSystemReader
-    root = str(tmp_path)
     model = _model(torch.float32)
     opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
     opt.train()
@@ -430,8 +428,15 @@ def test_flipped_bytes_inside_a_tensor_fail_its_checksum(tmp_path):
     zero_sf.save(root, model, opt)
     version = os.path.dirname(_latest_files(root)[0])
     info = next(i for k, i in FileSystemReader(version).read_metadata().storage_data.items()
-                if k.fqn == "optim/0/z/0")
-    file = os.path.join(version, info.relative_path)
+                if k.fqn == fqn)
+    return os.path.join(version, info.relative_path), info
+
+
+def test_flipped_bytes_inside_a_tensor_fail_its_checksum(tmp_path):
+    """Bytes flipped inside one tensor's data (headers intact, values still
+    finite and plausible): only the stored CRC-32 can tell.  One process."""
+    root = str(tmp_path)
+    file, info = _saved_item(root, "optim/0/z/0")
     with open(file, "r+b") as f:  # the middle of the item: inside z's 403 floats
         f.seek(info.offset + info.length // 2)
         data = bytearray(f.read(4))
@@ -447,17 +452,8 @@ def test_edited_metadata_fails_its_checksum(tmp_path, field):
     """Issue #21 item 4: the JSON blob of the group scalars had no checksum,
     so an edited (or bit-flipped) k or lr loaded silently.  One process:
     the blob edited in place, same length, still valid JSON."""
-    from torch.distributed.checkpoint import FileSystemReader
     root = str(tmp_path)
-    model = _model(torch.float32)
-    opt = zero_sf.ZeroOptimizer(model.parameters(), **LAYOUT, **SF_KW)
-    opt.train()
-    _steps(model, opt, 0, 1, range(3))
-    zero_sf.save(root, model, opt)
-    version = os.path.dirname(_latest_files(root)[0])
-    info = next(i for k, i in FileSystemReader(version).read_metadata().storage_data.items()
-                if k.fqn == "meta")
-    file = os.path.join(version, info.relative_path)
+    file, info = _saved_item(root, "meta")
     with open(file, "r+b") as f:
         f.seek(info.offset)
         item = f.read(info.length)
