@@ -76,3 +76,20 @@ def averaged_reference(cls, kw, init_params, targets, plan, *, clip=0.0):
                 torch.nn.utils.clip_grad_norm_(master, clip)
             ref.step()
     return ref, master
+
+
+def assert_refuses_foreign_state(opt, params, other_cls, name):
+    """``opt.load_state_dict`` of a trained ``other_cls``'s state dict (same
+    parameters) raises, naming both optimizers, with nothing changed."""
+    import pytest
+
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    other = other_cls(copies, lr=0.5)
+    set_grads(copies, random_grads(copies, torch.Generator().manual_seed(3)))
+    other.step()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"is not a {name} state dict .*it looks like "
+                                         rf"torch.optim.{other_cls.__name__}\b"):
+        opt.load_state_dict(other.state_dict())
+    assert_unchanged(before, snapshot(opt, params))
+    return copies

@@ -63,6 +63,15 @@ def _storage(sc: Scenario) -> dict:
     return kw
 
 
+def _optimizer(sc: Scenario, groups: list):
+    """The single-device optimizer of the scenario (and its LR scheduler):
+    the reference's, and what the single and FSDP2 engines train with."""
+    cls, kw = _rule(sc)
+    extra = dict(master_weights="remainder") if sc.master_weights == "remainder" else {}
+    opt = cls(groups, **kw, **_storage(sc), **extra)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule) if sc.scheduler else None
+
+
 def _schedule(step: int) -> float:
     return 1.0 / (1.0 + 0.3 * step)
 
@@ -102,7 +111,6 @@ class Reference:
                 self.opt_param[n] = p.detach().float().clone().requires_grad_(p.requires_grad)
             else:
                 self.opt_param[n] = p
-        cls, kw = _rule(sc)
         groups = M.param_groups(self.model, sc.grouping, lr=LR, weight_decay=WD)
         for g in groups:
             # ZeroOptimizer's flat-buffer order (within a group by dtype, first
@@ -112,9 +120,7 @@ class Reference:
                            key=lambda pn: order.index(pn[0].dtype) if pn[0].dtype in order else 0)
             g["params"] = [self.opt_param[n] for _, n in pairs]
             g["param_names"] = [n for _, n in pairs]
-        extra = dict(master_weights="remainder") if sc.master_weights == "remainder" else {}
-        self.opt = cls(groups, **kw, **_storage(sc), **extra)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule) if sc.scheduler else None
+        self.opt, self.sched = _optimizer(sc, groups)
 
     # what the model holds: the optimizer's values in the model's dtype
     @torch.no_grad()
@@ -274,11 +280,8 @@ class Engine:
 class Single(Engine):
     def __init__(self, sc, ctx, world, init_seed, model=None):
         super().__init__(sc, ctx, world, init_seed, model)
-        cls, kw = _rule(sc)
-        groups = M.param_groups(self.model, sc.grouping, lr=LR, weight_decay=WD)
-        extra = dict(master_weights="remainder") if sc.master_weights == "remainder" else {}
-        self.opt = cls(groups, **kw, **_storage(sc), **extra)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule) if sc.scheduler else None
+        self.opt, self.sched = _optimizer(
+            sc, M.param_groups(self.model, sc.grouping, lr=LR, weight_decay=WD))
 
     def step(self) -> None:
         self.opt.step()
@@ -356,11 +359,8 @@ class FSDP2(Engine):
             fully_shard(unit, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         self.named = list(self.model.named_parameters())  # the sharded DTensors
-        cls, kw = _rule(sc)
-        groups = M.param_groups(self.model, sc.grouping, lr=LR, weight_decay=WD)
-        extra = dict(master_weights="remainder") if sc.master_weights == "remainder" else {}
-        self.opt = cls(groups, **kw, **_storage(sc), **extra)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule) if sc.scheduler else None
+        self.opt, self.sched = _optimizer(
+            sc, M.param_groups(self.model, sc.grouping, lr=LR, weight_decay=WD))
 
     def step(self) -> None:
         if self.sc.max_norm is not None:
