@@ -57,7 +57,7 @@ mutants: $(STAMP)
 # and sm_90 down to cubin without a GPU (the default test run compiles a
 # covering subset); ~10 minutes on 2 cores with an empty Triton cache.
 compile-all: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m zero_sf.kernels.aot --all
+	env -u TRITON_INTERPRET $(PY) tools/aot.py --all
 
 # The self-check a user runs on a new (GPU) machine: versions, kernels vs the
 # spec, a ZeroOptimizer step, bandwidth.  On CPU it runs what it can.

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import zero_sf
-from zero_sf.sharding.zero import _hash_parts
+from zero_sf.sharding.agreement import terms
 
 
 def _median_us(fn, reps: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
         "param_tensors": n_tensors,
         "params": sum(p.numel() for p in model.parameters()),
         "adopt_model_writes_us": _median_us(opt.adopt_model_writes, args.reps),
-        "agreement_hash_us": _median_us(lambda: _hash_parts(opt._agreement()), args.reps),
+        "agreement_hash_us": _median_us(lambda: terms(opt._agreement()), args.reps),
         "backward_and_step_us": _median_us(step, max(10, args.reps // 10)),
     }
     checks = result["adopt_model_writes_us"] + result["agreement_hash_us"]

@@ -77,7 +77,7 @@ def _assert_state_is(opt, ref, master):
             else:
                 assert torch.is_tensor(got) or key != "step"  # torch's format: a tensor
                 assert float(got) == float(want), key
-    for index, start, length, tensors in opt.shard_pieces():
+    for index, start, length, tensors in opt.sharded_state.shard_pieces():
         if "master" in tensors:
             torch.testing.assert_close(tensors["master"],
                                        master[index].detach().reshape(-1)[start:start + length],
@@ -123,14 +123,14 @@ def _across_dtypes(rank, world_size, root):
     assert zero_sf.load(version, low, low_opt) == version
     for p, y in zip(low, y32):
         assert torch.equal(p.detach(), y.bfloat16())
-    for index, start, length, tensors in low_opt.shard_pieces():
+    for index, start, length, tensors in low_opt.sharded_state.shard_pieces():
         assert torch.equal(tensors["master"], y32[index].reshape(-1)[start:start + length])
     for i, st in low_opt.consolidated_state_dict()["state"].items():
         assert all(torch.equal(st[k], state32[i][k]) for k in ("z", "exp_avg_sq"))
     # the bf16 run's master follows the fp32 run (the gradients are bf16-exact)
     _steps(model, opt, rank, world_size, range(3, 5))
     _steps(low, low_opt, rank, world_size, range(3, 5))
-    for index, start, length, tensors in low_opt.shard_pieces():
+    for index, start, length, tensors in low_opt.sharded_state.shard_pieces():
         torch.testing.assert_close(tensors["master"], model[index].detach().reshape(-1)[start:start + length],
                                    rtol=0, atol=1e-6)
 

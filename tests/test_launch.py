@@ -38,7 +38,7 @@ def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     first, last = h["train"][0][1], sum(l for _, l in h["train"][-5:]) / 5
     assert last < first - 1.0, (first, last)  # from ~5.5 (uniform over bytes)
     assert h["val"] and h["val"][-1][1] < first - 1.0
-    version = zero_sf.checkpoint._candidates(ckpt)[0]  # the path the save printed
+    version = zero_sf.checkpoint.versions.candidates(ckpt)[0]  # the path the save printed
     h2 = _run(1, small + ["--steps", "36", "--batch", "32", "--resume", version], tmp_path, "b")
     assert h2["resumed"] == [version, 30]
     assert h2["train"][0][0] == 31  # continued from the saved step

@@ -4,6 +4,12 @@ from . import functional, spec
 from .optim import RMSProp, ScheduleFreeAdamW
 from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
 
+# The integrations plug into the core here (the core never imports them):
+# FSDP2's reshard after a train()/eval() switch, and eval_mode()'s view of a
+# DeepSpeed engine.  Neither imports its engine until it is used.
+from .integrations import deepspeed as _deepspeed_glue  # noqa: E402,F401
+from .integrations import fsdp as _fsdp_glue  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 __all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load",

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["eval_mode", "resolve", "Switchable"]
+__all__ = ["eval_mode", "resolve", "register_engine_resolver", "Switchable"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Switchable:
         """True (y) / False (x) / None (no modes: x == y, e.g. RMSProp, AdamW)."""
         if not self.has_modes:
             return None
+        if callable(getattr(self.optimizer, "in_train_mode", None)):  # zero_sf's own
+            return self.optimizer.in_train_mode()
         groups = getattr(getattr(self.optimizer, "inner", None), "param_groups", None) \
             or self.optimizer.param_groups
         return all(g.get("train_mode", True) for g in groups)
@@ -55,6 +57,21 @@ def _deepspeed_zero_optimizer(obj) -> bool:
     # basic optimizer as .optimizer and copy fp32 partitions to the model
     # with update_lp_params().
     return callable(getattr(obj, "update_lp_params", None))
+
+
+# Engines that hold a zero_sf optimizer in their own way register a
+# resolver here (zero_sf.integrations.deepspeed does, when zero_sf is
+# imported): ``fn(obj)`` returns the optimizer to switch when ``obj`` is such
+# an engine and that optimizer's switch alone reaches the model, raises when
+# the engine cannot be switched (DeepSpeed ZeRO-3), and returns None to let
+# resolve() go on down ``obj.optimizer``.  Core modules never import the
+# integrations; they plug in here.
+_ENGINE_RESOLVERS: list[Callable[[Any], Any]] = []
+
+
+def register_engine_resolver(fn: Callable[[Any], Any]) -> None:
+    if fn not in _ENGINE_RESOLVERS:
+        _ENGINE_RESOLVERS.append(fn)
 
 
 def resolve(obj) -> Switchable:
@@ -76,12 +93,10 @@ def resolve(obj) -> Switchable:
         seen.append(type(cur).__name__)
         if isinstance(cur, (ZeroSFOptimizer, ZeroOptimizer)):
             return Switchable(cur)
-        if callable(getattr(cur, "zero_optimization_stage", None)) and hasattr(cur, "optimizer"):
-            from .deepspeed import _basic_optimizer  # a DeepSpeed engine
-
-            basic = _basic_optimizer(cur)  # refuses stage 3 and foreign optimizers
-            if cur.optimizer is basic:  # stage 0, fp32: the model's own parameters
-                return Switchable(basic)
+        for engine_resolver in _ENGINE_RESOLVERS:
+            found = engine_resolver(cur)
+            if found is not None:
+                return Switchable(found)
         if _deepspeed_zero_optimizer(cur) and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer):
             cur.optimizer.add_switch_hook(cur.update_lp_params)
             return Switchable(cur.optimizer)

@@ -49,7 +49,7 @@ SIZES = {"*fp32": 4, "*bf16": 2, "*fp16": 2, "*i16": 2}
 # specializations the assertions below name, for both architectures.
 _SCRIPT = textwrap.dedent("""
     import json, sys
-    from zero_sf.kernels import aot
+    from tools import aot
     specs = aot.collect()
     chosen = set(aot.covering_subset(specs))
     zero_bf16 = [s for s in specs if s.kernel == "sf_adamw_flat_kernel"
@@ -123,7 +123,7 @@ def test_every_launched_kernel_compiles_for_sm80_and_sm90(compiled):
           for r in results if "flat" in r["kernel"]}
     assert {"i64D", "i32D", "i32", "constexpr"} <= ns, ns
     assert compiled["zero_bf16"] >= 1 and compiled["odd_n"] >= 1
-    from zero_sf.kernels.aot import SPILL_LIMIT  # sm_90: 0; sm_80: ptxas 12.9's choice, <= 32 B
+    from tools.aot import SPILL_LIMIT  # sm_90: 0; sm_80: ptxas 12.9's choice, <= 32 B
     assert all(r["spill"] <= SPILL_LIMIT[r["arch"]] and r["stats"]["local"] == 0 for r in results)
     assert all(0 <= r["shared"] <= {80: 166912, 90: 232448}[r["arch"]] for r in results)
 
@@ -216,14 +216,14 @@ def test_a_broken_kernel_runs_in_the_interpreter_but_fails_to_compile(tmp_path):
     broken = tmp_path / "broken_kernels.py"
     broken.write_text(src.replace(*_BROKEN))
 
-    from zero_sf.kernels.aot import load_kernels_from
+    from tools.aot import load_kernels_from
     K = load_kernels_from(str(broken))  # interpreter objects in this process
     p, z = torch.zeros(2048), torch.ones(2048)
     K.interpolate_flat_kernel[(2,)](p, z, p, p, 2048, 0.75, HAS_POUT=False, HAS_REM=False, BLOCK=1024)
     assert torch.equal(p, torch.full((2048,), 0.75))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "zero_sf.kernels.aot", "--kernels", str(broken), "--arch", "90",
+        [sys.executable, "tools/aot.py", "--kernels", str(broken), "--arch", "90",
          "--only", "interpolate_flat_kernel"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -237,7 +237,7 @@ def test_every_recorded_specialization_compiles():
     """All 620 specializations x sm_80/sm_90 (about 10 minutes on 2 cores:
     `make compile-all`, `make test-all`).  The covering subset above missed
     4-byte spills that only some RMSProp flag combinations had."""
-    proc = subprocess.run([sys.executable, "-m", "zero_sf.kernels.aot", "--all"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "tools/aot.py", "--all"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, "\n".join(
         line for line in proc.stdout.splitlines() if line.startswith("FAIL"))[-6000:]

@@ -71,7 +71,7 @@ def test_remainder_master_is_the_fp32_master_bit_for_bit(backend, cls, kw):
 
 
 def _check_same(opt, ref, model):
-    pieces = {index: t for index, _, _, t in ref.shard_pieces(y=True)}
+    pieces = {index: t for index, _, _, t in ref.sharded_state.shard_pieces(y=True)}
     for i, p in enumerate(model.parameters()):
         y32 = _y32(opt, p).flatten()
         assert torch.equal(y32.view(torch.int32), pieces[i]["master"].view(torch.int32))

@@ -341,8 +341,8 @@ class Zero(Engine):
 
     def pieces(self):
         """(name, start, length, tensors) of this rank's shard."""
-        self.opt.adopt_model_writes()  # weights loaded since the last step are y
-        for index, start, length, tensors in self.opt.shard_pieces(y=True):
+        self.opt.sharded_state.adopt_model_writes()  # weights loaded since the last step are y
+        for index, start, length, tensors in self.opt.sharded_state.shard_pieces(y=True):
             yield self.index_name[index], start, length, tensors
 
 

@@ -32,7 +32,7 @@ def _compare(rank, opt, ref, model, ref_model):
     remainders: its y is exact, as ZeroOptimizer's with either master)."""
     params = list(ref_model)
     checked = 0
-    for index, start, n, tensors in opt.shard_pieces(y=True):
+    for index, start, n, tensors in opt.sharded_state.shard_pieces(y=True):
         p = params[index]
         want = {"master": _y32_single(ref, p).flatten()[start:start + n]}
         want.update({k: v.flatten()[start:start + n] for k, v in ref.state[p].items()
@@ -114,7 +114,7 @@ def _conversions(rank, world_size, root):
     to fp32 exactly, fp32 to bf16 to nearest even), training continues."""
     cls, kw = _cls("sf")
     model, opt = _trained_compressed(rank, world_size)
-    saved = {(i, s): {k: v.clone() for k, v in t.items()} for i, s, _, t in opt.shard_pieces()}
+    saved = {(i, s): {k: v.clone() for k, v in t.items()} for i, s, _, t in opt.sharded_state.shard_pieces()}
     assert all(set(t) == {"master", "z", "exp_avg_sq"} for t in saved.values())
     assert any(opt.inner.state[c]["remainder"].any() for c in opt.weights.y_chunks[0])
     zero_sf.save(f"{root}/c", model, opt)
@@ -122,7 +122,7 @@ def _conversions(rank, world_size, root):
     plain_model = _model(torch.bfloat16)
     plain = zero_sf.ZeroOptimizer(plain_model.parameters(), cls, **LAYOUT, **kw)
     zero_sf.load(f"{root}/c", plain_model, plain)
-    for i, s, _, t in plain.shard_pieces():
+    for i, s, _, t in plain.sharded_state.shard_pieces():
         assert torch.equal(t["master"], saved[(i, s)]["master"])  # the exact fp32 y
         for key in ("z", "exp_avg_sq"):
             assert t[key].dtype == torch.float32
@@ -137,7 +137,7 @@ def _conversions(rank, world_size, root):
     back_model = _model(torch.bfloat16)
     back = zero_sf.ZeroOptimizer(back_model.parameters(), cls, **LAYOUT, **kw, **COMPRESSED)
     zero_sf.load(f"{root}/d", back_model, back)
-    for i, s, _, t in back.shard_pieces():
+    for i, s, _, t in back.sharded_state.shard_pieces():
         assert torch.equal(t["master"], saved[(i, s)]["master"])
         assert torch.equal(t["z"], saved[(i, s)]["z"])  # bf16 -> fp32 -> bf16: exact
     for p, q in zip(model, back_model):
@@ -147,7 +147,7 @@ def _conversions(rank, world_size, root):
         for p, t in zip(m, _targets(3, world_size)[rank]):
             (p * t.to(p.dtype)).sum().backward()
         o.step()
-    for a, b in zip(opt.shard_pieces(), back.shard_pieces()):
+    for a, b in zip(opt.sharded_state.shard_pieces(), back.sharded_state.shard_pieces()):
         for key in a[3]:
             assert torch.equal(a[3][key], b[3][key]), key
 
@@ -163,7 +163,7 @@ def _consolidated(rank, world_size):
     single_model.load_state_dict(model.state_dict())
     single = cls(single_model.parameters(), **kw, **COMPRESSED)
     single.load_state_dict(sd)
-    pieces = {i: (s, t) for i, s, _, t in opt.shard_pieces()}
+    pieces = {i: (s, t) for i, s, _, t in opt.sharded_state.shard_pieces()}
     for i, p in enumerate(single_model):
         assert single.state[p]["remainder"].dtype == torch.int16
         if i in pieces:
@@ -222,7 +222,7 @@ def _memory_and_misuse(rank, world_size):
         o.step()
     m.load_state_dict(loaded)
     o.eval()
-    pieces = {i: (s, t) for i, s, _, t in o.shard_pieces()}
+    pieces = {i: (s, t) for i, s, _, t in o.sharded_state.shard_pieces()}
     names = [k for k, _ in m.named_parameters()]
     for i, (s, t) in pieces.items():
         y = loaded[names[i]].flatten()[s:s + t["master"].numel()].float()

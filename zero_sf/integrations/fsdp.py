@@ -23,6 +23,8 @@ from typing import Iterable
 
 from torch import Tensor
 
+from ..optim._base import DTENSOR_SWITCH_HOOKS
+
 
 def _fsdp_states():
     """(module, FSDP state) for every live FSDP2 module, or None when this
@@ -73,3 +75,6 @@ def reshard_modules_holding(params: Iterable[Tensor]) -> int:
                 count += 1
                 break
     return count
+
+
+DTENSOR_SWITCH_HOOKS.append(reshard_modules_holding)

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from .. import functional as F
 from ..spec import rms_bias_correction
-from ._base import (ZeroSFOptimizer, check_compression, check_number, compression_defaults,
-                    host_float, state_dtype_for)
+from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
+from ._base import ZeroSFOptimizer
+from .validation import check_number, host_float
 
 __all__ = ["RMSProp"]
 
@@ -139,7 +140,7 @@ class RMSProp(ZeroSFOptimizer):
                 by_step.setdefault(int(self.state[p]["step"]), []).append(p)
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
-                rems, sr = self._remainders(ps, group), self._sr(group, step, ps)
+                rems, sr = self._remainders(ps, group), Storage.of(group).sr(step)
                 F.rmsprop(
                     ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
                     momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,

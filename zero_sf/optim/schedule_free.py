@@ -9,8 +9,9 @@ from torch import Tensor
 
 from .. import functional as F
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
-from ._base import (ZeroSFOptimizer, check_compression, check_int, check_number,
-                    compression_defaults, host_float, state_dtype_for)
+from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
+from ._base import DTENSOR_SWITCH_HOOKS, ZeroSFOptimizer
+from .validation import check_int, check_number, host_float
 
 __all__ = ["ScheduleFreeAdamW"]
 
@@ -141,12 +142,19 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                 sharded += [p for p in ps if F.is_dtensor(p)]
             group["train_mode"] = to_train
         if sharded:  # FSDP2 must drop unsharded copies of the old values
-            from ..integrations.fsdp import reshard_modules_holding
-
-            reshard_modules_holding(sharded)
+            for hook in DTENSOR_SWITCH_HOOKS:  # zero_sf.integrations.fsdp's reshard
+                hook(sharded)
         if switched:
             for hook in self._switch_hooks:  # e.g. DeepSpeed's copy into the model
                 hook()
+
+    def in_train_mode(self) -> bool:
+        return all(g["train_mode"] for g in self.param_groups)
+
+    def check_step_allowed(self, owner: Optional[str] = None) -> None:
+        if not self.in_train_mode():
+            raise eval_mode_error(owner or type(self).__name__)
+        super().check_step_allowed(owner)
 
     def eval(self) -> None:
         """Parameters y -> x (``p.lerp_(z, 1 - 1/beta1)``): use before evaluation."""
@@ -189,7 +197,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
                 self._init_state(p, group)
             if params:
                 states = [self.state[p] for p in params]
-                rems, sr = self._remainders(params, group), self._sr(group, group["k"], params)
+                rems, sr = self._remainders(params, group), Storage.of(group).sr(group["k"])
                 F.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
                            [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
                            y_coef=sc.y_coef, beta2=beta2,

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch._C import DisableTorchFunctionSubclass
 
 from . import comm
-from .layout import FlatBuffer
+from ..layout import FlatBuffer, Slot
 
 
 class ReducedGrad(Tensor):
@@ -239,10 +239,9 @@ class ShardedGrads(_Base):
             staging[offset - bucket.start:offset - bucket.start + numel].zero_()
         if (bi, bk) in self.launched:
             self._finish()
-            a0, a1 = bucket.chunk_range(self.rank)
-            lo, hi = max(a0, offset), min(a1, offset + numel)
-            if lo < hi:
-                self.chunks[bi][bk][lo - a0:hi - a0].zero_()
+            own = bucket.owned(Slot(i, offset, numel), self.rank)
+            if own is not None:
+                self.chunks[bi][bk][own.in_chunk].zero_()
         self.seen[(bi, bk)].discard(i)
         if self.params[i].grad is None:  # zero_grad(set_to_none=True): no gradient
             self.placeholders.pop(i)

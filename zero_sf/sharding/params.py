@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..optim._base import state_dtype_for
+from ..storage import state_dtype_for
 from . import comm
-from .layout import FlatBuffer
+from ..layout import FlatBuffer, Slot
 
 
 class FlatParams:
@@ -98,9 +98,8 @@ class FlatParams:
         """(bucket chunk index, lo, hi) of param ``index``'s elements this rank
         owns, as offsets into that bucket chunk; None when it owns none."""
         bi, bk, offset, numel = self.slot_of[index]
-        a0, a1 = self.buffers[bi].buckets[bk].chunk_range(self.rank)
-        lo, hi = max(a0, offset), min(a1, offset + numel)
-        return (bk, lo - a0, hi - a0) if lo < hi else None
+        own = self.buffers[bi].buckets[bk].owned(Slot(index, offset, numel), self.rank)
+        return None if own is None else (bk, own.chunk_start, own.chunk_start + own.numel)
 
     # ------------------------------------------------------- user changes
     def mark_synced(self) -> None:

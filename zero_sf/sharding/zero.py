@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,27 +31,15 @@ from torch import Tensor
 
 from ..functional import is_dtensor
 from ..optim import ScheduleFreeAdamW
-from ..optim._base import KEEP_ON_LOAD, host_float, state_dtype_for
-from . import comm
+
+from . import agreement, comm
 from .grads import FullGrads, ShardedGrads, ddp_wrapping
-from .layout import build_layout
+from ..layout import build_layout, element_numbering
+from .groups import HyperSync, hyper
 from .params import FlatParams
+from .state_view import ShardedState
 
 __all__ = ["ZeroOptimizer", "ZeroScheduleFreeAdamW"]
-
-_HYPER_SKIP = ("params", "param_names")
-
-
-def _hyper(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k not in _HYPER_SKIP}
-
-
-def _hash_parts(text: str) -> list[int]:
-    """Three 12-bit hashes of ``text``: small enough that sums of squares
-    over 4096 ranks are exact in float64 (see :meth:`ZeroOptimizer._agree`)."""
-    h = zlib.crc32(text.encode()) | (zlib.adler32(text.encode()) << 32)
-    return [(h >> (12 * j)) & 0xFFF for j in range(3)]
-
 
 class ZeroOptimizer(torch.optim.Optimizer):
     r"""Shards ``optimizer_class``'s state (and fp32 master weights) across the
@@ -150,9 +137,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         "model.bfloat16() before building the optimizer, or use "
                         "master_weights='fp32'")
         self.buffers = build_layout(
-            [[(self._index[id(p)], p.numel(), p.dtype) for p in g["params"] if p.requires_grad]
-             for g in self.param_groups],
-            world_size=self.world_size, bucket_numel=bucket_numel, align=align)
+            self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel, align=align)
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
@@ -168,8 +153,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             chunks = [c for bi, buf in enumerate(self.buffers) if buf.group == gi
                       for c in self.weights.y_chunks[bi]]
-            inner_groups.append({"params": chunks, **_hyper(group)})
+            inner_groups.append({"params": chunks, **hyper(group)})
         self.inner = optimizer_class(inner_groups, **defaults)
+        self.hyper = HyperSync(self.param_groups, self.inner.param_groups)
+        self.sharded_state = ShardedState(
+            params=self._params, buffers=self.buffers, weights=self.weights, inner=self.inner,
+            hyper=self.hyper, rank=self.rank, process_group=process_group, device=self.device,
+            master_weights=master_weights, adopt_model_writes=self.adopt_model_writes)
         bases = self._chunk_bases()
         for bi in range(len(self.buffers)):
             low = self.weights.master[bi] is not None  # bf16 copy written by the kernel
@@ -186,14 +176,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         numbers them (``ZeroSFOptimizer._index_bases``): the same random
         bits at every world size.  (Padding elements reuse the next bucket's
         numbers; their values are never read.)"""
-        out, acc = [], 0
-        for buf in self.buffers:
-            row = []
-            for b in buf.buckets:
-                row.append(acc + self.rank * b.chunk)
-                acc += sum(slot.numel for slot in b.slots)
-            out.append(row)
-        return out
+        first = element_numbering(self._trainable_by_group())
+        return [[first[b.slots[0].index] + self.rank * b.chunk for b in buf.buckets]
+                for buf in self.buffers]
+
+    def _trainable_by_group(self) -> list[list[tuple[int, int, torch.dtype]]]:
+        """(param index, numel, dtype) per group: what the layout lays out."""
+        return [[(self._index[id(p)], p.numel(), p.dtype) for p in g["params"] if p.requires_grad]
+                for g in self.param_groups]
 
     # ------------------------------------------------------------------ setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -225,9 +215,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 i = self._index[id(p)]
                 signature[f"parameter #{i}"] = (f"group {gi}, shape {tuple(p.shape)}, {p.dtype}, "
                                                 f"requires_grad={p.requires_grad}")
-            signature.update((f"param group {gi}: {k}", repr(v)) for k, v in sorted(_hyper(g).items()))
-        _raise_if_ranks_differ(
-            comm.all_gather_objects(signature, self.process_group),
+            signature.update((f"param group {gi}: {k}", repr(v)) for k, v in sorted(hyper(g).items()))
+        agreement.check_same(
+            signature, self.process_group,
             "every rank must build the same model and pass the same param groups and "
             "hyperparameters (parameter values may differ: rank 0's are broadcast, as DDP does)",
             "at construction")
@@ -329,7 +319,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         (a scheduler stepped on one rank only) and the parameters written
         by the user (weights loaded on one rank only)."""
         out = {f"param group {gi}: {k}": repr(v) for gi, g in enumerate(self.param_groups)
-               for k, v in sorted(_hyper(g).items())}
+               for k, v in sorted(hyper(g).items())}
         out["parameters written since the last step"] = repr(
             [self._param_label(i) for i in sorted(self._user_changed)])
         return out
@@ -339,25 +329,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """2-norm of the *averaged* gradient, and the ranks' agreement check:
         one all-reduce of 7 scalars, one host sync.
 
-        Agreement: each rank adds (h, h*h) for three 12-bit hashes h of
-        :meth:`_agreement`; all h are equal iff N * sum(h*h) == sum(h)**2
-        (zero variance), exact in float64 for up to 4096 ranks."""
+        Agreement (:mod:`.agreement`): hashes of :meth:`_agreement` ride in
+        the same all-reduce."""
         self.grads.reduce()
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for chunks in self.grads.chunks:
             for g in chunks:
                 sq += g.float().pow(2).sum()
-        agreement = self._agreement()
-        hashes = _hash_parts(repr(sorted(agreement.items())))
-        vec = torch.tensor([0.0] + [x for h in hashes for x in (h, h * h)],
-                           dtype=torch.float64, device=self.device)
+        mine = self._agreement()
+        vec = torch.tensor([0.0] + agreement.terms(mine), dtype=torch.float64, device=self.device)
         vec[0] = sq
         comm.all_reduce_sum(vec, self.process_group)
         sums = vec.tolist()
-        n = self.world_size
-        if any(n * sums[2 + 2 * j] != sums[1 + 2 * j] ** 2 for j in range(3)):
-            _raise_if_ranks_differ(
-                comm.all_gather_objects(agreement, self.process_group),
+        if agreement.ranks_differ(sums[1:], self.world_size):
+            agreement.check_same(
+                mine, self.process_group,
                 "set learning rates, step schedulers and load weights on every rank alike",
                 "at step()")
         return math.sqrt(sums[0]) / self.world_size
@@ -375,23 +361,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return torch.tensor(self._grad_norm)
 
     # ----------------------------------------------------------------- step
-    def _sync_hyper_in(self) -> None:
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update(_hyper(outer))
-
-    def _sync_hyper_out(self) -> None:
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            outer.update(_hyper(inner))
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         self._check_frozen()
-        self._sync_hyper_in()
-        if not all(g.get("train_mode", True) for g in self.inner.param_groups):
-            from ..optim.schedule_free import eval_mode_error
-            raise eval_mode_error(type(self).__name__)
-        for g in self.inner.param_groups:
-            self.inner._validate_group(g)
+        self.hyper.push()
+        self.inner.check_step_allowed(type(self).__name__)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -412,7 +386,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.staging is not None:
                 self.staging.outs_to_device()
             self.weights.gather(self.process_group)
-            self._sync_hyper_out()
+            self.hyper.pull()
         self._user_changed.clear()
         self.zero_grad()
         return loss
@@ -423,12 +397,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self._grad_norm
 
     # -------------------------------------------------------- train / eval
+    def in_train_mode(self) -> bool:
+        """The inner optimizer's mode (y in the model, or x), after what the
+        user wrote into ``param_groups``."""
+        self.hyper.push()
+        return self.inner.in_train_mode()
+
     def _switch(self, mode: str) -> None:
         fn = getattr(self.inner, mode, None)
         if fn is None:  # optimizers without y/x modes (RMSProp)
             return
         self.adopt_model_writes()
-        self._sync_hyper_in()
+        self.hyper.push()
         fn()
         if self.staging is not None:
             # The host y is the truth: the staging copies of y hold what the
@@ -437,7 +417,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # mode it already had), so they may be stale or uninitialized.
             self.weights.master_to_model()
         self.weights.gather(self.process_group)
-        self._sync_hyper_out()
+        self.hyper.pull()
 
     def eval(self) -> None:
         """y -> x on the master shard, then all-gather: the model holds x."""
@@ -448,135 +428,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._switch("train")
 
     # -------------------------------------------------------- checkpoints
-    def shard_pieces(self, *, y: bool = False, joined: Optional[dict] = None):
-        """This rank's share of every parameter's optimizer tensors.
-
-        Yields ``(param_index, start, length, tensors)``: ``tensors`` maps ``master``
-        (fp32 ``y``, low-precision models only; with ``y=True`` also for fp32
-        models, where it is a view of the model's own flat buffer) and each
-        elementwise state key of the inner optimizer (``z``, ``exp_avg_sq`` ...)
-        to 1-D views of elements ``[start, start + len)`` of the flattened
-        parameter.  Bookkeeping only: the caller reads or writes the views.
-
-        With ``master_weights="remainder"`` the ``master`` is the exact fp32 y
-        joined from the bf16 chunk and its remainder into a new tensor (the
-        checkpoint format is the same either way); a caller that writes it
-        passes a dict as ``joined`` and then :meth:`store_master` (joined).
-        """
-        from ..spec import join_master
-
-        for bi, buf in enumerate(self.buffers):
-            for bk, (b, y_chunk) in enumerate(zip(buf.buckets, self.weights.y_chunks[bi])):
-                a0, a1 = b.chunk_range(self.rank)
-                state = self.inner.state.get(y_chunk, {})
-                master = y_chunk if (y or self.weights.master[bi] is not None) else None
-                if self.master_weights == "remainder":
-                    rem = state.get("remainder")
-                    master = (join_master(y_chunk, rem) if rem is not None
-                              else y_chunk.float())
-                    if joined is not None:
-                        joined[(bi, bk)] = master
-                for slot in b.slots:
-                    lo, hi = max(a0, slot.offset), min(a1, slot.offset + slot.numel)
-                    if lo >= hi:
-                        continue
-                    cut = slice(lo - a0, hi - a0)
-                    tensors = {k: v[cut] for k, v in state.items()
-                               if torch.is_tensor(v) and v.shape == y_chunk.shape
-                               and k != "remainder"}
-                    if master is not None:
-                        tensors["master"] = master[cut]
-                    yield slot.index, lo - slot.offset, hi - lo, tensors
-
-    @torch.no_grad()
-    def store_master(self, joined: dict) -> None:
-        """Split the fp32 y that :meth:`shard_pieces` joined (and a checkpoint
-        load wrote) back into the bf16 chunks and their remainders."""
-        from ..spec import split_master
-
-        for (bi, bk), y32 in joined.items():
-            chunk = self.weights.y_chunks[bi][bk]
-            hi, lo = split_master(y32)
-            chunk.copy_(hi)
-            self.inner.remainder_of(chunk).copy_(lo)
-
-    def reset_state(self, keys) -> None:
-        """Make the inner optimizer's state exactly the elementwise ``keys``
-        (zeros, for a checkpoint to fill), as in a fresh optimizer: what it
-        held before is dropped, so loading a checkpoint saved before the
-        first step into an optimizer that has stepped since does not keep
-        the later z, exp_avg_sq or RMSProp step count.  Remainders are
-        kept: the load writes them with the master (:meth:`store_master`)."""
-        group_of = {id(y): g for g in self.inner.param_groups for y in g["params"]}
-        for chunks in self.weights.y_chunks:
-            for y in chunks:
-                st = self.inner.state[y]
-                for k in [k for k in st if k != "remainder"]:
-                    del st[k]
-                for k in keys:
-                    st[k] = torch.zeros_like(y, dtype=state_dtype_for(y, group_of[id(y)]))
-
-    def scalar_state(self) -> list[dict[str, Any]]:
-        """Per group: hyperparameters and step scalars, plus the inner
-        optimizer's non-tensor per-parameter state (RMSProp's ``step``),
-        which every chunk of a group shares."""
-        self._sync_hyper_in()  # what param_groups hold now (a scheduler's lr), not the last step's
-        out = []
-        for group in self.inner.param_groups:
-            per_param = {}
-            for y in group["params"]:
-                # host scalars: not elementwise (RMSProp's 0-dim CPU step), as numbers
-                per_param = {k: v.item() if torch.is_tensor(v) else v
-                             for k, v in self.inner.state.get(y, {}).items()
-                             if not (torch.is_tensor(v) and v.dim() > 0)}
-                if per_param:
-                    break
-            out.append({"group": {k: host_float(v) for k, v in group.items() if k not in _HYPER_SKIP},
-                        "per_param": per_param})
-        return out
-
-    def load_scalar_state(self, scalars: list[dict[str, Any]]) -> None:
-        for group, saved in zip(self.inner.param_groups, scalars):
-            for k, v in saved["group"].items():  # JSON turned tuples (betas) into lists
-                if k in KEEP_ON_LOAD:  # this optimizer's storage format, not the saved one
-                    continue
-                group[k] = tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v
-            for y in group["params"]:
-                self.inner.state[y].update(saved["per_param"])
-                self.inner.import_param_state(self.inner.state[y])
-        self._sync_hyper_out()
-
     @torch.no_grad()
     def consolidated_state_dict(self) -> dict[str, Any]:
         """The unsharded state dict of ``optimizer_class`` for these params,
         on every rank (collective).  ``zero_sf.ScheduleFreeAdamW`` (and
         ``schedulefree.AdamWScheduleFree``) load it directly."""
-        self.adopt_model_writes()  # weights written since the last step are y
-        full: dict[int, dict[str, Any]] = {}
-        scalars = self.scalar_state()
-        for bi, buf in enumerate(self.buffers):
-            keys = sorted({k for y in self.weights.y_chunks[bi] for k, v in self.inner.state.get(y, {}).items()
-                           if torch.is_tensor(v) and v.shape == y.shape})
-            for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
-                for key in keys:
-                    chunk = self.inner.state[y][key]
-                    # (offloaded state is on the host: gathered through the comm device)
-                    whole = torch.empty(b.numel, dtype=chunk.dtype, device=self.device)
-                    comm.all_gather(whole, chunk.contiguous().to(self.device), self.process_group)
-                    for slot in b.slots:
-                        p = self._params[slot.index]
-                        part = whole[slot.offset - b.start:slot.offset - b.start + slot.numel]
-                        full.setdefault(slot.index, {})[key] = part.view_as(p).clone()
-            for slot in buf.slots:
-                if slot.index in full:  # host scalars (RMSProp's step), in the inner format
-                    full[slot.index] = self.inner.export_param_state(self.inner.import_param_state(
-                        {**full[slot.index], **scalars[buf.group]["per_param"]}))
-        groups, start = [], 0
-        for group, s in zip(self.param_groups, scalars):
-            n = len(group["params"])
-            groups.append({**s["group"], "params": list(range(start, start + n))})
-            start += n
-        return {"state": full, "param_groups": groups}
+        return self.sharded_state.consolidated_state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         raise RuntimeError(
@@ -603,21 +460,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # offload: host copies of the gradient shard and of y in the model's dtype
             "host_staging": self.staging.nbytes() if self.staging is not None else 0,
         }
-
-
-def _raise_if_ranks_differ(everyone: list[dict[str, Any]], fix: str, when: str) -> None:
-    """ValueError naming the first entry on which a rank differs from rank
-    0, with both values (``param group 0: lr: 0.002 on rank 1, 0.001 on rank
-    0``): the same message on every rank, since all see ``everyone``."""
-    first = everyone[0]
-    for r, theirs in enumerate(everyone):
-        if theirs == first:
-            continue
-        key = next(k for k in list(first) + list(theirs)
-                   if first.get(k, "<missing>") != theirs.get(k, "<missing>"))
-        raise ValueError(
-            f"ZeroOptimizer: ranks differ {when}: {key}: {theirs.get(key, '<missing>')} on "
-            f"rank {r}, {first.get(key, '<missing>')} on rank 0; {fix}")
 
 
 def _check_process_group(process_group) -> None:

@@ -11,12 +11,14 @@ optimizers on CPU (or meta) tensors with every Triton launch intercepted, and
 Triton's own argument binder, with the CUDA backend, decides each signature
 (pointer dtypes, 16-byte alignment, ``n % 16``, ``n == 1``, i32 or i64).
 
-    python -m zero_sf.kernels.aot              # a covering subset, sm_80 + sm_90
-    python -m zero_sf.kernels.aot --all        # every recorded specialization
+    python tools/aot.py              # a covering subset, sm_80 + sm_90
+    python tools/aot.py --all        # every recorded specialization
 
 Must run *without* ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit``
 returns interpreter objects that cannot be compiled).  Written against the
 Triton 3.9 JIT internals (``create_function_from_signature``, ``_pack_args``).
+A development tool, outside the package since issue #22: it drives the
+optimizers and the sharded optimizer, which the kernels must not import.
 """
 
 from __future__ import annotations
@@ -130,12 +132,12 @@ def record(sink: dict, source: list):
     Inside, ``backend="triton"`` is accepted for CPU and meta tensors (the
     launches are recorded, never run: the tensors keep their values)."""
     if _interpreting():
-        raise RuntimeError("zero_sf.kernels.aot needs TRITON_INTERPRET unset (the interpreter's "
+        raise RuntimeError("tools/aot.py needs TRITON_INTERPRET unset (the interpreter's "
                            "kernels cannot be compiled); run it in its own process")
     from triton.compiler import make_backend
 
-    from .. import functional
-    from . import launch
+    from zero_sf import functional
+    from zero_sf.kernels import launch
 
     backend = make_backend(_target(90))
     K = launch.K
@@ -170,7 +172,7 @@ def _params(dtype, device="cpu", shapes=_SHAPES):
 
 
 def _sf_runs(tag):
-    from ..optim import ScheduleFreeAdamW
+    from zero_sf.optim import ScheduleFreeAdamW
 
     for dtype, wd in itertools.product((torch.float32, torch.bfloat16, torch.float16), (0, 0.1)):
         tag[0] = f"ScheduleFreeAdamW({dtype}, weight_decay={wd})"
@@ -184,7 +186,7 @@ def _sf_runs(tag):
 
 
 def _rmsprop_runs(tag):
-    from ..optim import RMSProp
+    from zero_sf.optim import RMSProp
 
     flags = itertools.product((torch.float32, torch.bfloat16), (0, 0.9), (False, True),
                               (False, True), (False, True), (False, True), (0, 0.01))
@@ -197,8 +199,8 @@ def _rmsprop_runs(tag):
 
 
 def _zero_runs(tag):
-    from ..optim import RMSProp, ScheduleFreeAdamW
-    from ..sharding import ZeroOptimizer
+    from zero_sf.optim import RMSProp, ScheduleFreeAdamW
+    from zero_sf.sharding import ZeroOptimizer
 
     # World size 1 without a process group: the shard is the whole flat
     # buffer (padded to a multiple of `align` = 128 elements), which is the
@@ -222,8 +224,8 @@ def _huge_runs(tag):
     passes n as i64 there.  The single-device optimizer on such a parameter,
     and a ZeRO shard of that size (fp32 master, bf16 gradient and model copy:
     the roles ZeroOptimizer passes) through the functional API."""
-    from .. import functional as F
-    from ..optim import ScheduleFreeAdamW
+    from zero_sf import functional as F
+    from zero_sf.optim import ScheduleFreeAdamW
 
     n = 2**31 + 16
     for dtype in (torch.float32, torch.bfloat16):
@@ -245,8 +247,8 @@ def _huge_runs(tag):
 def _compressed_runs(tag):
     """Compressed state (docs/design.md §11): bf16 state rounded
     stochastically or to nearest, remainder masters, single-device and ZeRO."""
-    from ..optim import RMSProp, ScheduleFreeAdamW
-    from ..sharding import ZeroOptimizer
+    from zero_sf.optim import RMSProp, ScheduleFreeAdamW
+    from zero_sf.sharding import ZeroOptimizer
 
     variants = [dict(state_dtype=torch.bfloat16), dict(state_dtype=torch.bfloat16,
                                                        state_rounding="nearest"),
@@ -438,7 +440,7 @@ def load_kernels_from(path: str) -> ModuleType:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zero_sf.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/aot.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true",
                     help="compile every recorded specialization (default: a covering subset)")
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)),
