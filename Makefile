@@ -8,19 +8,27 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup test test-all demo bench mutants fuzz compile-all check clean
+.PHONY: setup lint test test-all demo bench mutants fuzz compile-all check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,deepspeed,integrations]"
+	$(PY) -m pip install -q -e ".[test,bench,deepspeed,integrations,lint]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+# ruff (pyflakes, pycodestyle, bugbear, import order) and mypy
+# (check_untyped_defs) on zero_sf/; pyflakes and bugbear on the rest.  The
+# rules live in pyproject.toml; CONTRIBUTING.md says why.
+lint: $(STAMP)
+	$(PY) -m ruff check zero_sf
+	$(PY) -m ruff check --select F,B tests tools benchmarks launch
+	$(PY) -m mypy
 
 # The default run plus the tests marked slow (more world sizes of the same
 # checks: sharded triton at 2 ranks, ZeRO at 4, checkpoints 4->2 and 2->1).

@@ -322,7 +322,7 @@ def _assert_partition(engine, rank, ref, master):
         mine = flat[rank * part.numel():(rank + 1) * part.numel()]
         got = part if name == "master" else basic.state[part][name]
         torch.testing.assert_close(got[:mine.numel()], mine, rtol=0, atol=1e-6,
-                                   msg=lambda m: f"{name} (world size {engine.dp_world_size}): {m}")
+                                   msg=lambda m, name=name: f"{name} (world size {engine.dp_world_size}): {m}")
 
 
 def _resume(rank, world_size, root, saved_world_size):

@@ -138,7 +138,7 @@ MUTANTS = [
      "chunk.add_(out)", "chunk.copy_(out)",
      ["tests/sharding/test_zero.py::test_matches_single_process"]),
     ("sharding: stage 1 ignores a gradient the user replaced", "zero_sf/sharding/grads.py",
-     "view.copy_(p.grad.reshape(-1))", "pass",
+     "view.copy_(grad.reshape(-1))", "pass",
      ["tests/sharding/test_grads.py"]),
     ("sharding: stage 2 zero_grad leaves the reduced sum", "zero_sf/sharding/grads.py",
      "self.chunks[bi][bk][own.in_chunk].zero_()", "pass",

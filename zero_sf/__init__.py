@@ -1,14 +1,14 @@
 """zero_sf: Schedule-Free AdamW and Adam-style RMSProp, fused and sharded."""
 
 from . import functional, spec
-from .optim import RMSProp, ScheduleFreeAdamW
-from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
 
 # The integrations plug into the core here (the core never imports them):
 # FSDP2's reshard after a train()/eval() switch, and eval_mode()'s view of a
 # DeepSpeed engine.  Neither imports its engine until it is used.
-from .integrations import deepspeed as _deepspeed_glue  # noqa: E402,F401
-from .integrations import fsdp as _fsdp_glue  # noqa: E402,F401
+from .integrations import deepspeed as _deepspeed_glue  # noqa: F401
+from .integrations import fsdp as _fsdp_glue  # noqa: F401
+from .optim import RMSProp, ScheduleFreeAdamW
+from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
 
 __version__ = "0.1.0"
 

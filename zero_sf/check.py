@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -71,9 +71,10 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env["device"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        env["device"] = (f"{props.name} (sm_{props.major}{props.minor}, "
+                         f"{props.total_memory / 2**30:.0f} GiB)")
         env["NCCL"] = ".".join(map(str, torch.cuda.nccl.version()))
-        env["CUDA driver/runtime"] = torch.version.cuda
+        env["CUDA driver/runtime"] = str(torch.version.cuda)
     else:
         cpu = platform.processor() or "cpu"
         try:
@@ -112,7 +113,8 @@ def _sf_case(y_dtype, g_dtype, out_dtype, wd):
         from . import functional as F
 
         ts = [_inputs(7 + i, n, y_dtype, g_dtype, device) for i, n in enumerate(SIZES)]
-        outs = [torch.zeros(n, dtype=out_dtype, device=device) for n in SIZES] if out_dtype else None
+        outs = ([torch.zeros(n, dtype=out_dtype, device=device) for n in SIZES]
+                if out_dtype else None)
         F.sf_adamw([t[0] for t in ts], [t[1] for t in ts], [t[2] for t in ts], [t[3] for t in ts],
                    y_outs=outs, lr=1e-2, ck=0.3, y_coef=-7e-3, beta2=0.999, bias_correction2=0.05,
                    eps=1e-8, weight_decay=wd, grad_scale=0.5, backend=backend)
@@ -162,7 +164,8 @@ def _compressed_case(interpolate: bool):
         from . import functional as F
         from .spec import join_master, split_master
 
-        ts = [_inputs(17 + i, n, torch.float32, torch.bfloat16, device) for i, n in enumerate(SIZES)]
+        ts = [_inputs(17 + i, n, torch.float32, torch.bfloat16, device)
+              for i, n in enumerate(SIZES)]
         ys, rems = zip(*(split_master(t[0]) for t in ts))
         zs = [t[2].bfloat16() for t in ts]
         vs = [t[3].bfloat16() for t in ts]
@@ -305,7 +308,7 @@ def check_zero_step(report: Report, device: torch.device) -> None:
             model = torch.nn.Sequential(torch.nn.Linear(64, 257), torch.nn.GELU(),
                                         torch.nn.Linear(257, 33)).to(device)
             model.load_state_dict(ref.state_dict())
-            opts = [ScheduleFreeAdamW(ref.parameters(), lr=1e-2, weight_decay=0.01),
+            opts: list[Any] = [ScheduleFreeAdamW(ref.parameters(), lr=1e-2, weight_decay=0.01),
                     ZeroOptimizer(model.parameters(), stage=2, lr=1e-2, weight_decay=0.01)]
             for opt in opts:
                 opt.train()
@@ -337,7 +340,7 @@ def _time(fn, device, seconds: float) -> float:
     """Median seconds per call, over about ``seconds`` of calls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn(), sync()
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 5:
         t0 = time.perf_counter()
@@ -365,7 +368,8 @@ def check_bandwidth(report: Report, device: torch.device, seconds: float) -> dic
     t_sf = _time(sf.step, device, seconds)
     t_adamw = _time(adamw.step, device, seconds)
     t_copy = _time(lambda: dst.copy_(src), device, seconds)
-    gbs = lambda t, nbytes: nbytes / t / 1e9
+    def gbs(t, nbytes):
+        return nbytes / t / 1e9
     bytes_step = 28 * n  # read g y z v (16 B), write y z v (12 B), fp32
     out = dict(elements=n, sf_step_ms=t_sf * 1e3, adamw_fused_ms=t_adamw * 1e3,
                copy_ms=t_copy * 1e3, sf_GBps=gbs(t_sf, bytes_step),
@@ -384,7 +388,8 @@ def check_bandwidth(report: Report, device: torch.device, seconds: float) -> dic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zero_sf.check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m zero_sf.check",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="per bandwidth measurement")
     ap.add_argument("--json", default=None, help="also write the report to this file")
     ap.add_argument("--_interpret-to", dest="interpret_to", default=None, help=argparse.SUPPRESS)

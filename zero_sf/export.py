@@ -59,9 +59,8 @@ def export(path: str, model: nn.Module, optimizer: Any = None, *,
     (default: as held).  Collective when the model or optimizer is sharded:
     call it on every rank; rank 0 writes.  Returns the file's path.
     """
-    from safetensors.torch import save_file
-
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -78,7 +77,8 @@ def export(path: str, model: nn.Module, optimizer: Any = None, *,
                                           else "as held", "producer": "zero_sf.export"})
         os.replace(tmp, file)  # a reader never sees half a file
         config = getattr(_unwrap(model), "config", None)
-        if not path.endswith(".safetensors") and hasattr(config, "to_json_string"):
+        if (config is not None and not path.endswith(".safetensors")
+                and hasattr(config, "to_json_string")):
             with open(os.path.join(path, "config.json"), "w") as f:
                 f.write(config.to_json_string())
     if distributed:

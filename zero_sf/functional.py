@@ -12,12 +12,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import spec
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeGuard
 
 __all__ = ["sf_adamw", "rmsprop", "sf_interpolate", "resolve_backend", "BACKENDS"]
 
@@ -92,7 +96,8 @@ def _split(backend: str, n: int, tensor_lists, n_state: int = 0) -> tuple[list[i
     last ``n_state`` lists are optimizer state (fp32 for the CPU backend)."""
     if backend not in ("triton", "cpu"):
         return [], list(range(n))
-    fused, plain = [], []
+    fused: list[int] = []
+    plain: list[int] = []
     for i in range(n):
         ts = [tl[i] if tl is not None else None for tl in tensor_lists]
         if backend == "triton":
@@ -116,6 +121,7 @@ def _torch_chunks(*tensors: Optional[Tensor]):
     """Yield (offset of the first element, tuple of matching 1-D slices)
     (None stays None); the whole tensors when small or not all contiguous."""
     first = tensors[0]
+    assert first is not None, "the first role (the parameters) is always given"
     n = first.numel()
     if n <= _TORCH_CHUNK or not _all_contiguous(*tensors):
         yield 0, tensors
@@ -154,7 +160,7 @@ def _dtensor_cls():
     return None
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t) -> TypeGuard[DTensor]:
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
 
@@ -224,7 +230,7 @@ def sf_adamw(
     eps: float,
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
-    y_outs: Optional[Sequence[Tensor]] = None,
+    y_outs: Optional[Sequence[Optional[Tensor]]] = None,
     remainders: Optional[Sequence[Optional[Tensor]]] = None,
     sr: Optional[tuple[int, int]] = None,
     index_bases: Optional[Sequence[int]] = None,
@@ -278,7 +284,7 @@ def rmsprop(
     momentum_buffers: Optional[Sequence[Tensor]] = None,
     grad_avgs: Optional[Sequence[Tensor]] = None,
     grad_scale: float = 1.0,
-    param_outs: Optional[Sequence[Tensor]] = None,
+    param_outs: Optional[Sequence[Optional[Tensor]]] = None,
     remainders: Optional[Sequence[Optional[Tensor]]] = None,
     sr: Optional[tuple[int, int]] = None,
     index_bases: Optional[Sequence[int]] = None,
@@ -300,7 +306,7 @@ def rmsprop(
     fused, plain = _split(backend, len(params),
                           (params, grads, param_outs, remainders, square_avgs, momentum_buffers,
                            grad_avgs), n_state=3)
-    scalars = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+    scalars: dict[str, Any] = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                    momentum=momentum, centered=centered,
                    bias_correction2=bias_correction2, eps_in_sqrt=eps_in_sqrt,
                    maximize=maximize, grad_scale=grad_scale)
@@ -325,7 +331,7 @@ def sf_interpolate(
     zs: Sequence[Tensor],
     *,
     weight: float,
-    p_outs: Optional[Sequence[Tensor]] = None,
+    p_outs: Optional[Sequence[Optional[Tensor]]] = None,
     remainders: Optional[Sequence[Optional[Tensor]]] = None,
     backend: str = "auto",
 ) -> None:

@@ -16,7 +16,9 @@ exactly the owner's chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
+from typing import Any, Hashable, Optional, Sequence, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -80,7 +82,7 @@ class Owned:
 @dataclass
 class FlatBuffer:
     group: int  # param group index
-    dtype: object  # torch.dtype (kept opaque here)
+    dtype: Any  # torch.dtype (kept opaque here: no torch in this module)
     buckets: list[Bucket]
 
     @property
@@ -105,7 +107,7 @@ class FlatBuffer:
         return out
 
 
-def build_layout(groups: list[list[tuple[int, int, object]]], *, world_size: int,
+def build_layout(groups: Sequence[Sequence[tuple[int, int, Any]]], *, world_size: int,
                  bucket_numel: int, align: int) -> list[FlatBuffer]:
     """``groups[g]`` lists (param index, numel, dtype) in order.
 
@@ -158,7 +160,7 @@ def _by_group_and_dtype(groups):
             yield g, dtype, members
 
 
-def element_numbering(groups: list[list[tuple[Hashable, int, object]]]) -> dict[Hashable, int]:
+def element_numbering(groups: Sequence[Sequence[tuple[K, int, Any]]]) -> dict[K, int]:
     """The global number of every parameter's first element, ``groups[g]``
     listing (key, numel, dtype) as for :func:`build_layout`: elements are
     numbered in flat-buffer order without the padding.  This is the one

@@ -97,7 +97,8 @@ def resolve(obj) -> Switchable:
             found = engine_resolver(cur)
             if found is not None:
                 return Switchable(found)
-        if _deepspeed_zero_optimizer(cur) and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer):
+        if (_deepspeed_zero_optimizer(cur)
+                and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer)):
             cur.optimizer.add_switch_hook(cur.update_lp_params)
             return Switchable(cur.optimizer)
         inner = getattr(cur, "optimizer", None)

@@ -182,7 +182,9 @@ def split_master(y: Tensor) -> tuple[Tensor, Tensor]:
     b = y.contiguous().view(torch.int32).to(torch.int64) & _M32
     lo = b & 0xFFFF
     hi = ((b >> 16) + (lo >= 0x8000).to(torch.int64)) & 0xFFFF
-    as16 = lambda t: torch.where(t >= 1 << 15, t - (1 << 16), t).to(torch.int16).view(y.shape)
+    def as16(t):
+        return torch.where(t >= 1 << 15, t - (1 << 16), t).to(torch.int16).view(y.shape)
+
     return as16(hi).view(torch.bfloat16), as16(lo)
 
 
@@ -190,7 +192,8 @@ def join_master(param: Tensor, remainder: Tensor) -> Tensor:
     """The exact fp32 y of a bf16 ``param`` and its int16 ``remainder``
     (the inverse of :func:`split_master` for every bit pattern)."""
     lo = remainder.to(torch.int64) & 0xFFFF
-    hi = (param.contiguous().view(torch.int16).to(torch.int64) - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    hi = (param.contiguous().view(torch.int16).to(torch.int64)
+          - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
     return _as_int32((hi << 16) | lo).view(torch.float32).view(param.shape)
 
 

@@ -169,7 +169,7 @@ class Reference:
             return acc
 
         sq = 0.0
-        for i, (n, p) in enumerate(self.named):
+        for i, (n, _) in enumerate(self.named):
             if grads[0][0][i] is None:
                 continue
             each = range(len(grads))

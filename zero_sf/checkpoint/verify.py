@@ -42,7 +42,7 @@ def meta_tensors(meta: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def crc(t: torch.Tensor) -> int:
     """CRC-32 of a tensor's bytes (any dtype, any device)."""
-    return zlib.crc32(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return zlib.crc32(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
 
 
 def check_files(target: str, md) -> None:

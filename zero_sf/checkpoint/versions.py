@@ -74,6 +74,7 @@ def candidates(path: str) -> list[str]:
         raise FileNotFoundError(f"no zero_sf checkpoint at {path!r} (no LATEST file)")
     with open(latest) as f:
         current = f.read().strip()
+    named = VERSION.match(current)  # LATEST names a version: only older ones fall back
     older = [n for s, n in reversed(versions(path)) if n != current and committed(path, n)
-             and (not VERSION.match(current) or s < int(VERSION.match(current).group(1)))]
+             and (named is None or s < int(named.group(1)))]
     return [os.path.join(path, n) for n in [current] + older]

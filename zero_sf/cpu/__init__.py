@@ -54,15 +54,18 @@ class _Task(ctypes.Structure):
                 ("base", ctypes.c_int64)]
 
 
+_ARG_FIELDS: list = [(name, ctypes.c_int) for name in ("kind", "dt_p", "dt_g", "dt_out")] + \
+    [(name, ctypes.c_float) for name in ("lr", "ck", "y_coef", "beta2", "one_minus_beta2",
+                                          "bc2", "eps", "wd", "scale")] + \
+    [(name, ctypes.c_int) for name in ("has_bc2", "has_wd")] + \
+    [(name, ctypes.c_float) for name in ("alpha", "one_minus_alpha", "momentum")] + \
+    [(name, ctypes.c_int) for name in ("centered", "eps_in_sqrt", "maximize", "has_momentum")] + \
+    [("weight", ctypes.c_float), ("dt_s", ctypes.c_int), ("sr", ctypes.c_int),
+     ("key", ctypes.c_uint32 * 2)]
+
+
 class _Args(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("kind", "dt_p", "dt_g", "dt_out")] + \
-        [(name, ctypes.c_float) for name in ("lr", "ck", "y_coef", "beta2", "one_minus_beta2",
-                                              "bc2", "eps", "wd", "scale")] + \
-        [(name, ctypes.c_int) for name in ("has_bc2", "has_wd")] + \
-        [(name, ctypes.c_float) for name in ("alpha", "one_minus_alpha", "momentum")] + \
-        [(name, ctypes.c_int) for name in ("centered", "eps_in_sqrt", "maximize", "has_momentum")] + \
-        [("weight", ctypes.c_float), ("dt_s", ctypes.c_int), ("sr", ctypes.c_int),
-         ("key", ctypes.c_uint32 * 2)]
+    _fields_ = _ARG_FIELDS
 
 
 def _cpu_flags() -> str:
@@ -107,7 +110,8 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.remove(tmp)
     lib = ctypes.CDLL(so)
-    lib.zsf_run.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_Task), ctypes.c_int, ctypes.c_int]
+    lib.zsf_run.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_Task), ctypes.c_int,
+                            ctypes.c_int]
     lib.zsf_run.restype = ctypes.c_int
     return lib
 
@@ -151,10 +155,10 @@ def eligible(*tensors: Optional[Tensor], state: Sequence[Optional[Tensor]] = ())
         if t is not None and (t.device.type != "cpu" or t.dtype not in _DTYPES_T + (torch.int16,)
                               or not t.is_contiguous()):
             return False
-    state = [t for t in state if t is not None]
-    for t in state:
+    present = [t for t in state if t is not None]
+    for t in present:
         if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
-                or t.dtype != state[0].dtype or not t.is_contiguous()):
+                or t.dtype != present[0].dtype or not t.is_contiguous()):
             return False
     return True
 
@@ -180,7 +184,9 @@ def _run(args: _Args, rows: list[tuple]) -> None:
         task.base = base
         for i, t in enumerate(ts):
             task.p[i] = _ptr(t)
-    library().zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads())
+    lib = library()
+    assert lib is not None  # eligible() said the backend is available
+    lib.zsf_run(ctypes.byref(args), tasks, len(rows), torch.get_num_threads())
 
 
 def _groups(rows, key):
@@ -200,7 +206,8 @@ def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
 
 
 def _rows(primary, roles, remainders, index_bases):
-    at = lambda xs, i: xs[i] if xs is not None else None
+    def at(xs, i):
+        return xs[i] if xs is not None else None
     return [(p.numel(), [at(r, i) for r in roles], at(remainders, i),
              index_bases[i] if index_bases is not None else 0) for i, p in enumerate(primary)]
 

@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..optim import RMSProp, ScheduleFreeAdamW
 from ..layout import element_numbering
 from ..modes import register_engine_resolver, resolve
+from ..optim import RMSProp, ScheduleFreeAdamW
 from ..optim._base import ZeroSFOptimizer
 from ..storage import KEEP_ON_LOAD, state_dtype_for
 
@@ -263,7 +263,11 @@ def train(engine) -> None:
 
 def _zero_files(folder: str) -> list[str]:
     files = glob.glob(os.path.join(folder, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    rank_of = lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1))
+    def rank_of(f: str) -> int:
+        m = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f))
+        assert m is not None  # the glob matched it
+        return int(m.group(1))
+
     return sorted(files, key=rank_of)
 
 
@@ -289,33 +293,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
     if zopt is basic:  # ZeRO stage 0: DeepSpeed's own loader is exact
         engine.load_checkpoint(load_dir, tag)
         return tag
-    files = _zero_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
-    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-           for f in files]
-    parts = zopt.single_partition_of_fp32_groups
-    saved_groups = sds[0]["base_optimizer_state"]["param_groups"]
-    if len(saved_groups) != len(parts):
-        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, the engine "
-                         f"{len(parts)}; is it a checkpoint of another model?")
-    missing = set(basic.defaults) - set(saved_groups[0]) - {"backend", "foreach"}
-    if missing:
-        raise ValueError(f"checkpoint's optimizer groups lack {sorted(missing)}: it was "
-                         f"not saved with {type(basic).__name__}")
-    for sd in sds:
-        if any(any(p) for p in sd.get("param_alignment_paddings", []) or []):
-            raise ValueError("checkpoint uses zero_optimization.parameter_alignment; "
-                             "resharding it is not supported")
-    flats = []
-    for i, part in enumerate(parts):
-        saved = [sd["single_partition_of_fp32_groups"][i] for sd in sds]
-        numel = sum(p.numel() for p in zopt.bit16_groups[i])
-        if sum(t.numel() for t in saved) != numel:
-            raise ValueError(f"checkpoint param group {i} holds {sum(t.numel() for t in saved)} "
-                             f"elements, the engine {numel}; is it a checkpoint of another model?")
-        flats.append(saved)
-
+    sds, flats = _read_partitions(folder, zopt, basic)
     # Module weights (DeepSpeed's own loader; the optimizer part is ours).
     engine.load_checkpoint(load_dir, tag, load_module_only=True)
     # What DeepSpeed's own ZeRO loader restores besides the partitions: the
@@ -324,16 +302,13 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
     # flag and the clip value.  The same on every rank: take rank 0's.
     zopt._load_global_state(sds[0])
     rank = dist.get_rank(group=zopt.dp_process_group)
-
-    def cut(pieces: list[torch.Tensor], size: int) -> torch.Tensor:
-        flat = torch.cat([p.reshape(-1).float() for p in pieces])
-        out = torch.zeros(size, dtype=torch.float32)
-        seg = flat[rank * size:(rank + 1) * size]
-        out[:seg.numel()] = seg
-        return out
-
-    for i, part in enumerate(parts):
+    saved_groups = sds[0]["base_optimizer_state"]["param_groups"]
+    for i, part in enumerate(zopt.single_partition_of_fp32_groups):
         size = part.numel()
+
+        def cut(pieces: list[torch.Tensor], size: int = size) -> torch.Tensor:
+            return _cut(pieces, rank, size)
+
         part.copy_(cut(flats[i], size))
         lengths = [t.numel() for t in flats[i]]
         state_i = [sd["base_optimizer_state"]["state"].get(i, {}) for sd in sds]
@@ -345,7 +320,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
                 pieces = [s[key].reshape(-1)[:n] for s, n in zip(state_i, lengths)]
                 # in this optimizer's state dtype (a bf16-state save loads into fp32
                 # state exactly, and fp32 into bf16 to nearest even)
-                state[key] = cut(pieces, size).to(part.device, state_dtype_for(part, group))
+                state[key] = cut(pieces).to(part.device, state_dtype_for(part, group))
             else:
                 state[key] = value  # e.g. RMSProp's step count, equal on every rank
         basic.import_param_state(state)
@@ -354,6 +329,55 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
                       if k != "params" and k not in KEEP_ON_LOAD})
     if engine.optimizer is not basic:  # the fp32 partitions into the model's params
         engine.optimizer.update_lp_params()
+    _restore_engine_counters(engine, folder)
+    return tag
+
+
+def _read_partitions(folder: str, zopt, basic: ZeroSFOptimizer):
+    """Every rank's saved ZeRO state dict, and per param group the saved fp32
+    partitions; raises (before anything is loaded) for a checkpoint of
+    another model, optimizer or alignment."""
+    files = _zero_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
+    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+           for f in files]
+    n_groups = len(zopt.single_partition_of_fp32_groups)
+    saved_groups = sds[0]["base_optimizer_state"]["param_groups"]
+    if len(saved_groups) != n_groups:
+        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, the engine "
+                         f"{n_groups}; is it a checkpoint of another model?")
+    missing = set(basic.defaults) - set(saved_groups[0]) - {"backend", "foreach"}
+    if missing:
+        raise ValueError(f"checkpoint's optimizer groups lack {sorted(missing)}: it was "
+                         f"not saved with {type(basic).__name__}")
+    for sd in sds:
+        if any(any(p) for p in sd.get("param_alignment_paddings", []) or []):
+            raise ValueError("checkpoint uses zero_optimization.parameter_alignment; "
+                             "resharding it is not supported")
+    flats = []
+    for i in range(n_groups):
+        saved = [sd["single_partition_of_fp32_groups"][i] for sd in sds]
+        numel = sum(p.numel() for p in zopt.bit16_groups[i])
+        if sum(t.numel() for t in saved) != numel:
+            raise ValueError(f"checkpoint param group {i} holds {sum(t.numel() for t in saved)} "
+                             f"elements, the engine {numel}; is it a checkpoint of another model?")
+        flats.append(saved)
+    return sds, flats
+
+
+def _cut(pieces: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s partition of ``size`` elements of the concatenated
+    (unpadded) pieces, zero-padded at the end as DeepSpeed pads."""
+    flat = torch.cat([p.reshape(-1).float() for p in pieces])
+    out = torch.zeros(size, dtype=torch.float32)
+    seg = flat[rank * size:(rank + 1) * size]
+    out[:seg.numel()] = seg
+    return out
+
+
+def _restore_engine_counters(engine, folder: str) -> None:
+    """The engine's step and sample counters and its LR scheduler."""
     model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
     if os.path.exists(model_file):
         meta = torch.load(model_file, map_location="cpu", weights_only=False)
@@ -362,4 +386,3 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
         engine.skipped_steps = meta.get("skipped_steps", engine.skipped_steps)
         if engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    return tag

@@ -64,7 +64,8 @@ def reshard_modules_holding(params: Iterable[Tensor]) -> int:
         if not _warned:
             warnings.warn("zero_sf could not find FSDP2's module states in this torch version; "
                           "after optimizer.train()/eval() call module.reshard() on every "
-                          "fully_shard'ed module, or the next forward may use stale weights")
+                          "fully_shard'ed module, or the next forward may use stale weights",
+                          stacklevel=3)
             _warned = True
         return 0
     count = 0

@@ -42,11 +42,11 @@ the same state) or zero_sf's own launcher.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from transformers import TrainerCallback
 
-from ..modes import resolve
+from ..modes import Switchable, resolve
 
 __all__ = ["ScheduleFreeCallback"]
 
@@ -59,7 +59,7 @@ class ScheduleFreeCallback(TrainerCallback):
     """Saved weights are ``x``, training runs at ``y``; see the module docstring."""
 
     def __init__(self) -> None:
-        self._target = None
+        self._target: Optional[tuple[Any, Switchable]] = None
 
     def _resolve(self, optimizer: Any):
         if self._target is None or self._target[0] is not optimizer:

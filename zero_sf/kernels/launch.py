@@ -42,31 +42,40 @@ _TABLE_CACHE_SIZE = 64
 Roles = Sequence[Optional[Sequence[Tensor]]]
 
 
+def _role(roles: Roles, k: int) -> Sequence[Tensor]:
+    """A role every launch has (the parameters, role 0; the state)."""
+    r = roles[k]
+    assert r is not None, f"role {k} is required"
+    return r
+
+
 def _chunk_table(roles: Roles, index: list[int], device: torch.device):
     """Pointer tables (one int64 tensor per role) and the chunk map.
 
     Cached on (pointers, sizes): equal keys give equal tables, so reuse of
     freed memory cannot make a stale entry wrong.
     """
+    first = _role(roles, 0)
     key = (device, tuple(
         tuple(r[i].data_ptr() for i in index) if r is not None else None for r in roles
-    ), tuple(roles[0][i].numel() for i in index))
+    ), tuple(first[i].numel() for i in index))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    numels = [roles[0][i].numel() for i in index]
+    numels = [first[i].numel() for i in index]
     # Full chunks (whole BLOCKs of a tensor whose pointers, in every role,
     # are 16-byte aligned) go to the unmasked, vectorized launch; the rest
     # (ragged tails, every chunk of an unaligned tensor) to the masked one.
     aligned = [all(p[t] % 16 == 0 for p in key[1] if p is not None) for t in range(len(index))]
-    chunks = {True: ([], []), False: ([], [])}
+    chunks: dict[bool, tuple[list[int], list[int]]] = {True: ([], []), False: ([], [])}
     for t, n in enumerate(numels):
         for start in range(0, n, BLOCK):
             full = aligned[t] and start + BLOCK <= n
             chunks[full][0].append(t)
             chunks[full][1].append(start)
-    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
+    def as_dev(xs):
+        return torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
     tables = [as_dev(p) if p is not None else None for p in key[1]]
     out = (tables, {full: (as_dev(ts), as_dev(starts)) for full, (ts, starts) in chunks.items()
                     if ts}, as_dev(numels))
@@ -79,7 +88,7 @@ def _chunk_table(roles: Roles, index: list[int], device: torch.device):
 def _buckets(roles: Roles):
     """Group tensor indices by (device, dtype of every role)."""
     buckets: dict[tuple, list[int]] = {}
-    for i, primary in enumerate(roles[0]):
+    for i, primary in enumerate(_role(roles, 0)):
         key = (primary.device,) + tuple(r[i].dtype if r is not None else None for r in roles)
         buckets.setdefault(key, []).append(i)
     return buckets.values()
@@ -114,26 +123,27 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compre
     own_only = compressed["HAS_REM"] or compressed["SR"]
     bases = compressed.get("bases")
     flat_consts = dict(HAS_REM=compressed["HAS_REM"], SR=compressed["SR"])
+    first = _role(roles, 0)
     for index in _buckets(roles):
-        own = [i for i in index if own_only or roles[0][i].numel() >= _OWN_LAUNCH_NUMEL]
+        own = [i for i in index if own_only or first[i].numel() >= _OWN_LAUNCH_NUMEL]
         own_set = set(own)
         batched = [i for i in index if i not in own_set]
         if len(batched) == 1:
             own, batched = own + batched, []
         for i in own:
-            n = roles[0][i].numel()
+            n = first[i].numel()
             if n == 0:
                 continue
-            ptrs = [(r[i] if r is not None else roles[0][i]) for r in roles]
+            ptrs = [(r[i] if r is not None else first[i]) for r in roles]
             counters = _counters(bases[i] if bases is not None else 0, compressed.get("keys", ()))
             flat_kernel[(triton.cdiv(n, BLOCK),)](
                 *ptrs, n, **kwargs, **counters, **flat_consts, BLOCK=BLOCK, **LAUNCH_OPTIONS)
         if batched:
             mroles = roles[:multi_roles]
-            device = mroles[0][batched[0]].device
+            device = first[batched[0]].device
             tables, chunks, numels = _chunk_table(mroles, batched, device)
             tables = [t if t is not None else tables[0] for t in tables]
-            likes = [(r[batched[0]] if r is not None else mroles[0][batched[0]]) for r in mroles]
+            likes = [(r[batched[0]] if r is not None else first[batched[0]]) for r in mroles]
             for full, (chunk_tensor, chunk_start) in chunks.items():
                 multi_kernel[(chunk_tensor.numel(),)](
                     *tables, *likes, chunk_tensor, chunk_start, numels,
@@ -164,11 +174,15 @@ def _partition(roles: Roles, out_role: int, state_role: int, rem_role: int):
     tensor i has an output copy, its state dtype (SR applies to bf16 state
     only) and whether it has a remainder.  Yields (roles restricted to those
     indices, the indices, has_output, state dtype); absent roles are None."""
-    n = len(roles[0])
-    at = lambda r, i: r[i] if r is not None else None
+    n = len(_role(roles, 0))
+    state = _role(roles, state_role)
+
+    def at(r, i):
+        return r[i] if r is not None else None
+
     keys: dict = {}
     for i in range(n):
-        k = (at(roles[out_role], i) is not None, roles[state_role][i].dtype,
+        k = (at(roles[out_role], i) is not None, state[i].dtype,
              at(roles[rem_role], i) is not None)
         keys.setdefault(k, []).append(i)
     for (has_out, sdt, has_rem), index in keys.items():

@@ -92,7 +92,7 @@ class ZeroSFOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
             self._bases[id(param)] = index_base
         self._writes_tracked_outside = True
 
-    def _outs(self, params: list[Tensor]) -> list[Tensor] | None:
+    def _outs(self, params: list[Tensor]) -> Optional[list[Optional[Tensor]]]:
         if not self._outputs:
             return None
         return [self._outputs.get(id(p)) for p in params]

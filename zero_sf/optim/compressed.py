@@ -6,7 +6,7 @@ someone else writes the weights (their version counters tell)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -34,8 +34,23 @@ def _local_offset(p: Tensor) -> int:
     return offset[0] * math.prod(p.shape[1:]) if p.dim() > 0 else 0
 
 
-class CompressedState:
-    """Mixin of :class:`~zero_sf.optim._base.ZeroSFOptimizer`."""
+if TYPE_CHECKING:  # what the mixin runs on: a torch optimizer
+    _Host = torch.optim.Optimizer
+else:
+    _Host = object
+
+
+class CompressedState(_Host):
+    """Mixin of :class:`~zero_sf.optim._base.ZeroSFOptimizer` (which sets
+    these attributes up in ``__init__`` and ``__setstate__``)."""
+
+    _bases: dict[int, int]  # id(param) -> bound index base (a shard's)
+    _base_cache: tuple[Any, dict[int, int]]
+    _versions: dict[int, int]  # id(param) -> version counter after our last write
+    # id(p) -> the bf16 weights a loaded remainder was saved with, until
+    # the next step compares them with p (see _remainders)
+    _loaded_bases: dict[int, Tensor]
+    _writes_tracked_outside: bool
 
     def _index_bases(self, params: list[Tensor]) -> list[int]:
         """Global index of each param's first element for stochastic

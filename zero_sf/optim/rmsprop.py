@@ -98,7 +98,8 @@ class RMSProp(ZeroSFOptimizer):
         check_number("initial_scale", group["initial_scale"])
         for flag in ("capturable", "differentiable"):
             if group[flag]:
-                raise ValueError(f"Invalid {flag} value: True (zero_sf.RMSProp does not support it)")
+                raise ValueError(
+                    f"Invalid {flag} value: True (zero_sf.RMSProp does not support it)")
         F.check_backend(group["backend"])
         check_compression(group)
 
@@ -117,7 +118,7 @@ class RMSProp(ZeroSFOptimizer):
                     p, dtype=dtype, memory_format=torch.preserve_format)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None, *,
+    def step(self, closure: Optional[Callable[[], float]] = None, *,  # type: ignore[override]
              grad_scale: float = 1.0) -> Optional[float]:
         """One step.  ``grad_scale`` multiplies every gradient inside the fused
         update (the sharded optimizer folds 1/world_size and clipping into it)."""
@@ -143,12 +144,14 @@ class RMSProp(ZeroSFOptimizer):
                 rems, sr = self._remainders(ps, group), Storage.of(group).sr(step)
                 F.rmsprop(
                     ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
-                    momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
+                    momentum_buffers=([s["momentum_buffer"] for s in states]
+                                      if group["momentum"] > 0 else None),
                     grad_avgs=[s["grad_avg"] for s in states] if group["centered"] else None,
                     lr=host_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"],
                     centered=group["centered"],
-                    bias_correction2=rms_bias_correction(group["alpha"], step) if group["bias_correction"] else 1.0,
+                    bias_correction2=(rms_bias_correction(group["alpha"], step)
+                                      if group["bias_correction"] else 1.0),
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
                     grad_scale=grad_scale, param_outs=self._outs(ps),
                     remainders=rems, sr=sr, index_bases=self._index_bases(ps) if sr else None,

@@ -173,7 +173,7 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None, *,
+    def step(self, closure: Optional[Callable[[], float]] = None, *,  # type: ignore[override]
              grad_scale: float = 1.0) -> Optional[float]:
         """One step.  ``grad_scale`` multiplies every gradient inside the fused
         update (the sharded optimizer folds 1/world_size and clipping into it)."""

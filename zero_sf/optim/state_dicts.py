@@ -6,7 +6,7 @@ state dict of another optimizer or model before anything is loaded."""
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ def _looks_like(groups: list[dict[str, Any]], state_keys: set[str]) -> str:
     :meth:`ZeroSFOptimizer._check_saved_kind`."""
     keys = {k for g in groups for k in g}
     if {"exp_avg", "exp_avg_sq"} <= state_keys:
-        adamw = any(g.get("decoupled_weight_decay") for g in groups) or "decoupled_weight_decay" not in keys
+        adamw = (any(g.get("decoupled_weight_decay") for g in groups)
+                 or "decoupled_weight_decay" not in keys)
         return "torch.optim.AdamW" if adamw else "torch.optim.Adam"
     if "dampening" in keys:
         return "torch.optim.SGD"
@@ -31,7 +32,13 @@ def _looks_like(groups: list[dict[str, Any]], state_keys: set[str]) -> str:
     return "another optimizer"
 
 
-class StateDicts:
+if TYPE_CHECKING:  # what the mixin runs on: a torch optimizer with CompressedState
+    from .compressed import CompressedState as _Host
+else:
+    _Host = object
+
+
+class StateDicts(_Host):
     """Mixin of :class:`~zero_sf.optim._base.ZeroSFOptimizer` (before
     ``torch.optim.Optimizer`` in its bases, whose state-dict methods it
     wraps): subclasses say what the state dicts they load look like
@@ -173,7 +180,8 @@ class StateDicts:
         # a state dict saved with bf16 state loads into fp32 state (converted
         # below) and back; torch's load would take the saved groups' values.
         storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
-        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        pre = self._optimizer_load_state_dict_pre_hooks
+        post = self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = type(pre)()
         self._optimizer_load_state_dict_post_hooks = type(post)()
         try:

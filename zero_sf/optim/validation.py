@@ -27,7 +27,8 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
     label = label or f"{name} value"
     if isinstance(value, Tensor):
         if not tensor_ok:
-            raise ValueError(f"Invalid {label}: {value} (a Tensor {name} is not supported; pass a float)")
+            raise ValueError(
+                f"Invalid {label}: {value} (a Tensor {name} is not supported; pass a float)")
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         if value.is_complex() or not value.is_floating_point():

@@ -62,7 +62,9 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
 def broadcast_from_first(t: Tensor, group) -> None:
     """Rank 0 of ``group``'s values to everyone, in place (as DDP does at start)."""
     if _active(group):
-        dist.broadcast(t, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+        pg = group if group is not None else dist.group.WORLD
+        assert pg is not None  # _active: initialized
+        dist.broadcast(t, src=dist.get_global_rank(pg, 0), group=group)
 
 
 def all_gather_objects(obj: Any, group) -> list[Any]:

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 from torch._C import DisableTorchFunctionSubclass
 
-from . import comm
 from ..layout import FlatBuffer, Slot
+from . import comm
 
 
 class ReducedGrad(Tensor):
@@ -71,8 +71,16 @@ def _accumulator_held_elsewhere(p: Tensor) -> bool:
     if not p.requires_grad:
         return False
     with torch.enable_grad():  # step() runs under no_grad
-        p.view_as(p).grad_fn.next_functions[0][0].metadata["zero_sf_probe"] = True
-        return bool(p.view_as(p).grad_fn.next_functions[0][0].metadata.pop("zero_sf_probe", False))
+        # (each node is a temporary: holding one would keep the accumulator alive)
+        _accumulator(p).metadata["zero_sf_probe"] = True
+        return bool(_accumulator(p).metadata.pop("zero_sf_probe", False))
+
+
+def _accumulator(p: Tensor):
+    """``p``'s AccumulateGrad node, reached through a fresh 0-cost view."""
+    view = p.view_as(p).grad_fn
+    assert view is not None  # p requires grad
+    return view.next_functions[0][0]
 
 
 def ddp_wrapping(params: list[Tensor]) -> Optional[str]:
@@ -102,6 +110,7 @@ def _placeholder(p: Tensor) -> Tensor:
 
 
 class _Base:
+    hooks: list  # autograd hook handles, removed by remove_hooks()
     def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
                  process_group, device: torch.device,
                  missing_error: Callable[[list[int]], Exception]) -> None:
@@ -166,8 +175,10 @@ class FullGrads(_Base):
                 # autograd made a fresh .grad; it holds the whole sum since.
                 p = self.params[slot.index]
                 view = fg[slot.offset:slot.offset + slot.numel]
-                if p.grad.data_ptr() != view.data_ptr():
-                    view.copy_(p.grad.reshape(-1))
+                grad = p.grad
+                assert grad is not None  # arrived
+                if grad.data_ptr() != view.data_ptr():
+                    view.copy_(grad.reshape(-1))
                     p.grad = view.view_as(p)
             for b, chunk in zip(buf.buckets, self.chunks[bi]):  # in place
                 works.append(comm.reduce_scatter_sum(chunk, fg[b.start:b.start + b.numel],
@@ -197,7 +208,8 @@ class ShardedGrads(_Base):
         for buf in self.buffers:
             shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
             self.shard.append(shard)
-            self.chunks.append([shard[o:o + b.chunk] for o, b in zip(buf.shard_offsets(), buf.buckets)])
+            self.chunks.append([shard[o:o + b.chunk]
+                                for o, b in zip(buf.shard_offsets(), buf.buckets)])
         # One fixed launch order on every rank: the reverse of the layout
         # (backward produces the last layers' gradients first).
         self.order = [(bi, bk) for bi in reversed(range(len(self.buffers)))
@@ -270,7 +282,9 @@ class ShardedGrads(_Base):
             staging = self.staging[(bi, bk)] = torch.zeros(
                 bucket.numel, dtype=self.buffers[bi].dtype, device=self.device)
         start = offset - bucket.start
-        staging[start:start + numel].add_(p.grad.reshape(-1))
+        grad = p.grad
+        assert grad is not None  # a post-accumulate-grad hook: .grad is set
+        staging[start:start + numel].add_(grad.reshape(-1))
         p.grad = self.placeholders[i] = _placeholder(p)
         self.arrived.add(i)
         self.seen[(bi, bk)].add(i)

@@ -57,4 +57,5 @@ class HostStaging:
         self._copy(self.device_params, self.outs)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for chunks in self.grads + self.outs for t in chunks)
+        return sum(t.numel() * t.element_size()
+                   for chunks in self.grads + self.outs for t in chunks)

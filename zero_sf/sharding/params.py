@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..layout import FlatBuffer, Slot
 from ..storage import state_dtype_for
 from . import comm
-from ..layout import FlatBuffer, Slot
 
 
 class FlatParams:
@@ -54,7 +54,8 @@ class FlatParams:
         # Per buffer, this rank's chunk of every bucket: the tensors the inner
         # optimizer updates (master chunks, or the flat buffer's own chunks).
         self.y_chunks: list[list[Tensor]] = []
-        self.slot_of: dict[int, tuple[int, int, int, int]] = {}  # param index -> (buf, bucket, offset, numel)
+        # param index -> (buffer, bucket, offset, numel)
+        self.slot_of: dict[int, tuple[int, int, int, int]] = {}
         with torch.no_grad():
             for bi, buf in enumerate(buffers):
                 flat = torch.zeros(buf.numel, dtype=buf.dtype, device=device)

@@ -19,8 +19,8 @@ from torch import Tensor
 from ..layout import FlatBuffer
 from ..optim._base import ZeroSFOptimizer
 from ..optim.validation import host_float
-from ..storage import KEEP_ON_LOAD, state_dtype_for
 from ..spec import join_master, split_master
+from ..storage import KEEP_ON_LOAD, state_dtype_for
 from . import comm
 from .groups import HyperSync, hyper
 from .params import FlatParams
@@ -138,7 +138,8 @@ class ShardedState:
             for k, v in saved["group"].items():  # JSON turned tuples (betas) into lists
                 if k in KEEP_ON_LOAD:  # this optimizer's storage format, not the saved one
                     continue
-                group[k] = tuple(v) if isinstance(v, list) and isinstance(group.get(k), tuple) else v
+                as_tuple = isinstance(v, list) and isinstance(group.get(k), tuple)
+                group[k] = tuple(v) if as_tuple else v
             for y in group["params"]:
                 self.inner.state[y].update(saved["per_param"])
                 self.inner.import_param_state(self.inner.state[y])
@@ -153,7 +154,8 @@ class ShardedState:
         full: dict[int, dict[str, Any]] = {}
         scalars = self.scalar_state()
         for bi, buf in enumerate(self.buffers):
-            keys = sorted({k for y in self.weights.y_chunks[bi] for k, v in self.inner.state.get(y, {}).items()
+            keys = sorted({k for y in self.weights.y_chunks[bi]
+                           for k, v in self.inner.state.get(y, {}).items()
                            if torch.is_tensor(v) and v.shape == y.shape})
             for b, y in zip(buf.buckets, self.weights.y_chunks[bi]):
                 for key in keys:

@@ -30,11 +30,10 @@ import torch
 from torch import Tensor
 
 from ..functional import is_dtensor
+from ..layout import build_layout, element_numbering
 from ..optim import ScheduleFreeAdamW
-
 from . import agreement, comm
 from .grads import FullGrads, ShardedGrads, ddp_wrapping
-from ..layout import build_layout, element_numbering
 from .groups import HyperSync, hyper
 from .params import FlatParams
 from .state_view import ShardedState
@@ -86,22 +85,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  align: int = 128, max_norm: Optional[float] = None,
                  offload: Optional[str] = None, master_weights: str = "fp32",
                  **defaults) -> None:
-        if stage not in (1, 2):
-            raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
-        if offload not in (None, "none", "cpu"):
-            raise ValueError(f"Invalid offload value: {offload!r} (expected None or 'cpu')")
-        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
-            raise ValueError(f"Invalid max_norm value: {max_norm!r} (expected a positive float)")
-        if master_weights not in ("fp32", "remainder"):
-            raise ValueError(f"Invalid master_weights value: {master_weights!r} (expected "
-                             "'fp32' or 'remainder')")
+        _check_options(stage, offload, max_norm, master_weights, defaults)
         remainder = master_weights == "remainder"
-        if remainder and offload == "cpu":
-            raise ValueError("offload='cpu' with master_weights='remainder' is not supported: "
-                             "offload keeps the fp32 master in host memory already; use one")
-        if "master_weights" in defaults:  # the inner optimizer's own (single-device) option
-            raise ValueError("pass master_weights='fp32' or 'remainder' to ZeroOptimizer (it "
-                             "owns the master weights)")
         if remainder:
             defaults["master_weights"] = "remainder"
         _check_process_group(process_group)
@@ -129,15 +114,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._frozen = [i for i, p in enumerate(self._params) if not p.requires_grad]
         self.master_weights = master_weights
         if remainder:
-            for i, p in enumerate(self._params):
-                if p.requires_grad and p.dtype != torch.bfloat16:
-                    raise ValueError(
-                        f"master_weights='remainder' needs bfloat16 parameters, but parameter "
-                        f"{self._param_label(i)} is {p.dtype}; convert the model with "
-                        "model.bfloat16() before building the optimizer, or use "
-                        "master_weights='fp32'")
+            self._check_bf16()
         self.buffers = build_layout(
-            self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel, align=align)
+            self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel,
+            align=align)
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
@@ -149,17 +129,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
             from .offload import HostStaging
             self.staging = HostStaging(self.grads.chunks, [self.weights.param_chunks(bi)
                                                            for bi in range(len(self.buffers))])
-        inner_groups = []
-        for gi, group in enumerate(self.param_groups):
-            chunks = [c for bi, buf in enumerate(self.buffers) if buf.group == gi
-                      for c in self.weights.y_chunks[bi]]
-            inner_groups.append({"params": chunks, **hyper(group)})
-        self.inner = optimizer_class(inner_groups, **defaults)
+        self.inner = self._build_inner(optimizer_class, defaults)
         self.hyper = HyperSync(self.param_groups, self.inner.param_groups)
         self.sharded_state = ShardedState(
             params=self._params, buffers=self.buffers, weights=self.weights, inner=self.inner,
             hyper=self.hyper, rank=self.rank, process_group=process_group, device=self.device,
             master_weights=master_weights, adopt_model_writes=self.adopt_model_writes)
+        self._bind_chunks()
+
+    def _build_inner(self, optimizer_class: type, defaults: dict[str, Any]):
+        """The inner optimizer: one param group per outer group, holding
+        this rank's y chunks of that group's buffers."""
+        inner_groups = []
+        for gi, group in enumerate(self.param_groups):
+            chunks = [c for bi, buf in enumerate(self.buffers) if buf.group == gi
+                      for c in self.weights.y_chunks[bi]]
+            inner_groups.append({"params": chunks, **hyper(group)})
+        return optimizer_class(inner_groups, **defaults)
+
+    def _bind_chunks(self) -> None:
+        """Each y chunk reads its gradient chunk, writes its rounded copy into
+        the model's flat buffer (low-precision buffers), and numbers its
+        elements from the chunk's global position."""
         bases = self._chunk_bases()
         for bi in range(len(self.buffers)):
             low = self.weights.master[bi] is not None  # bf16 copy written by the kernel
@@ -168,6 +159,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 grads, outs = self.staging.grads[bi], self.staging.outs[bi]
             for y, g, out, base in zip(self.weights.y_chunks[bi], grads, outs, bases[bi]):
                 self.inner.bind(y, grad=g, out=out if low else None, index_base=base)
+
+    def _check_bf16(self) -> None:
+        for i, p in enumerate(self._params):
+            if p.requires_grad and p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"master_weights='remainder' needs bfloat16 parameters, but parameter "
+                    f"{self._param_label(i)} is {p.dtype}; convert the model with "
+                    "model.bfloat16() before building the optimizer, or use "
+                    "master_weights='fp32'")
 
     def _chunk_bases(self) -> list[list[int]]:
         """Global index of this rank's first element of every bucket chunk,
@@ -197,14 +197,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(self._params)}
         devices = {p.device for p in self._params}
         if len(devices) > 1:
-            raise ValueError(f"ZeroOptimizer needs all parameters on one device, got {sorted(map(str, devices))}")
+            raise ValueError("ZeroOptimizer needs all parameters on one device, got "
+                             f"{sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
         for i, p in enumerate(self._params):
             if is_dtensor(p):
                 raise TypeError(
-                    f"ZeroOptimizer got parameter #{i} as a DTensor{tuple(p.placements)}: the model "
-                    "is already sharded (FSDP2's fully_shard, or tensor parallelism), and ZeRO "
-                    "would shard it again; use zero_sf.ScheduleFreeAdamW / zero_sf.RMSProp "
+                    f"ZeroOptimizer got parameter #{i} as a DTensor{tuple(p.placements)}: the "
+                    "model is already sharded (FSDP2's fully_shard, or tensor parallelism), and "
+                    "ZeRO would shard it again; use zero_sf.ScheduleFreeAdamW / zero_sf.RMSProp "
                     "directly, which update each rank's local shards with the fused kernel")
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"parameter #{i} has dtype {p.dtype}: real floating point only")
@@ -215,7 +216,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 i = self._index[id(p)]
                 signature[f"parameter #{i}"] = (f"group {gi}, shape {tuple(p.shape)}, {p.dtype}, "
                                                 f"requires_grad={p.requires_grad}")
-            signature.update((f"param group {gi}: {k}", repr(v)) for k, v in sorted(hyper(g).items()))
+            signature.update((f"param group {gi}: {k}", repr(v))
+                             for k, v in sorted(hyper(g).items()))
         agreement.check_same(
             signature, self.process_group,
             "every rank must build the same model and pass the same param groups and "
@@ -264,7 +266,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _missing_grad_error(self, indices) -> RuntimeError:
         labels = ", ".join(self._param_label(i) for i in sorted(indices)[:5])
-        frozen = [self._param_label(i) for i in sorted(indices) if not self._params[i].requires_grad]
+        frozen = [self._param_label(i) for i in sorted(indices)
+                  if not self._params[i].requires_grad]
         if frozen:
             return RuntimeError(
                 f"ZeroOptimizer: parameter {', '.join(frozen[:5])} was trainable when the "
@@ -362,7 +365,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], float]] = None  # type: ignore[override]
+             ) -> Optional[float]:  # (torch's overloads; one signature here)
         self._check_frozen()
         self.hyper.push()
         self.inner.check_step_allowed(type(self).__name__)
@@ -375,6 +379,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._grad_norm = self._global_norm()
             if self.max_norm is not None:
                 self._clip_coef = min(1.0, self.max_norm / (self._grad_norm + 1e-6))
+        assert self._grad_norm is not None  # clip_grad_norm_ or the line above set it
         self.last_step_skipped = not math.isfinite(self._grad_norm)
         if self.last_step_skipped:  # every rank sees the same all-reduced norm
             self.skipped_steps += 1
@@ -447,7 +452,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------- memory
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank actually holds, by role (measured from the tensors)."""
-        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
         inner_state = [v for s in self.inner.state.values() for k, v in s.items()
                        if torch.is_tensor(v) and k != "remainder"]
         remainders = [s["remainder"] for s in self.inner.state.values() if "remainder" in s]
@@ -460,6 +467,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # offload: host copies of the gradient shard and of y in the model's dtype
             "host_staging": self.staging.nbytes() if self.staging is not None else 0,
         }
+
+
+def _check_options(stage, offload, max_norm, master_weights, defaults: dict[str, Any]) -> None:
+    if stage not in (1, 2):
+        raise ValueError(f"Invalid stage: {stage!r} (expected 1 or 2)")
+    if offload not in (None, "none", "cpu"):
+        raise ValueError(f"Invalid offload value: {offload!r} (expected None or 'cpu')")
+    if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"Invalid max_norm value: {max_norm!r} (expected a positive float)")
+    if master_weights not in ("fp32", "remainder"):
+        raise ValueError(f"Invalid master_weights value: {master_weights!r} (expected "
+                         "'fp32' or 'remainder')")
+    if master_weights == "remainder" and offload == "cpu":
+        raise ValueError("offload='cpu' with master_weights='remainder' is not supported: "
+                         "offload keeps the fp32 master in host memory already; use one")
+    if "master_weights" in defaults:  # the inner optimizer's own (single-device) option
+        raise ValueError("pass master_weights='fp32' or 'remainder' to ZeroOptimizer (it "
+                         "owns the master weights)")
 
 
 def _check_process_group(process_group) -> None:
@@ -478,4 +503,5 @@ def _check_process_group(process_group) -> None:
 
 def ZeroScheduleFreeAdamW(params, *, stage: int = 2, process_group=None, **kwargs) -> ZeroOptimizer:
     """``ZeroOptimizer(params, ScheduleFreeAdamW, ...)``."""
-    return ZeroOptimizer(params, ScheduleFreeAdamW, stage=stage, process_group=process_group, **kwargs)
+    return ZeroOptimizer(params, ScheduleFreeAdamW, stage=stage, process_group=process_group,
+                         **kwargs)
