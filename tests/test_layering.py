@@ -66,5 +66,14 @@ def test_old_module_names_are_the_new_modules():
     import zero_sf.layout
     import zero_sf.sharding.layout
 
+    import zero_sf.dispatch
+    import zero_sf.functional
+    import zero_sf.kernels.host
+    import zero_sf.kernels.launch
+    from zero_sf.optim import ElementwiseOptimizer, ZeroSFOptimizer
+
     assert zero_sf.deepspeed is zero_sf.integrations.deepspeed
     assert zero_sf.sharding.layout is zero_sf.layout
+    assert zero_sf.functional is zero_sf.dispatch
+    assert zero_sf.kernels.launch is zero_sf.kernels.host
+    assert ZeroSFOptimizer is ElementwiseOptimizer

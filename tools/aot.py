@@ -136,8 +136,8 @@ def record(sink: dict, source: list):
                            "kernels cannot be compiled); run it in its own process")
     from triton.compiler import make_backend
 
-    from zero_sf import functional
-    from zero_sf.kernels import launch
+    from zero_sf import dispatch as functional
+    from zero_sf.kernels import host as launch
 
     backend = make_backend(_target(90))
     K = launch.K
@@ -224,7 +224,7 @@ def _huge_runs(tag):
     passes n as i64 there.  The single-device optimizer on such a parameter,
     and a ZeRO shard of that size (fp32 master, bf16 gradient and model copy:
     the roles ZeroOptimizer passes) through the functional API."""
-    from zero_sf import functional as F
+    from zero_sf import dispatch as F
     from zero_sf.optim import ScheduleFreeAdamW
 
     n = 2**31 + 16

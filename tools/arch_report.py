@@ -43,12 +43,13 @@ PACKAGE = "zero_sf"
 LAYERS: list[tuple[str, list[str]]] = [
     ("math and formats", ["zero_sf.spec", "zero_sf.storage", "zero_sf.layout"]),
     ("backends", ["zero_sf.kernels", "zero_sf.cpu", "zero_sf.dtensor"]),
-    ("dispatch", ["zero_sf.functional"]),
+    ("dispatch", ["zero_sf.dispatch"]),
     ("single-device optimizers", ["zero_sf.optim"]),
     ("sharding", ["zero_sf.sharding"]),
     ("checkpoints and modes", ["zero_sf.checkpoint", "zero_sf.modes", "zero_sf.export"]),
     ("integrations", ["zero_sf.integrations"]),
-    ("facade, self-check, aliases", ["zero_sf.check", "zero_sf.deepspeed", "zero_sf"]),
+    ("facade, self-check, aliases", ["zero_sf.check", "zero_sf.deepspeed", "zero_sf.functional",
+                                     "zero_sf.sharding.layout", "zero_sf.kernels.launch", "zero_sf"]),
 ]
 
 

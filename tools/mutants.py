@@ -69,7 +69,7 @@ MUTANTS = [
      "            self.staging.outs_to_device()\n        self.weights.gather(",
      ["tests/test_scenarios.py"]),
     ("fsdp2: an empty local shard keeps its stochastic-rounding counter (item 3)",
-     "zero_sf/functional.py",
+     "zero_sf/dispatch.py",
      "for role in tensor_lists], _pick(index_bases, keep))",
      "for role in tensor_lists], index_bases)",
      ["tests/test_scenarios.py"]),
@@ -99,7 +99,7 @@ MUTANTS = [
      "return offs, offs < n, (pid + 1) * BLOCK <= n", "return offs, offs < n, pid * BLOCK <= n",
      ["tests/kernels/test_triton_kernels.py"]),
     # -- the kernels as a GPU compiles them (tests/kernels/test_compile.py, no GPU needed)
-    ("kernel launch: FMA contraction back on", "zero_sf/kernels/launch.py",
+    ("kernel launch: FMA contraction back on", "zero_sf/kernels/host.py",
      "LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)",
      "LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=True)",
      ["tests/kernels/test_compile.py"]),
@@ -107,7 +107,7 @@ MUTANTS = [
      "zero_sf/kernels/triton_kernels.py",
      "        p = tl.multiple_of(p, 16)\n", "        p = p\n",
      ["tests/kernels/test_compile.py"]),
-    ("kernel launch: unaligned tensors sent down the unmasked path", "zero_sf/kernels/launch.py",
+    ("kernel launch: unaligned tensors sent down the unmasked path", "zero_sf/kernels/host.py",
      "full = aligned[t] and start + BLOCK <= n", "full = start + BLOCK <= n",
      ["tests/kernels/test_triton_kernels.py"]),
     # -- the fused CPU backend: bit for bit against the spec

@@ -1,6 +1,6 @@
 """zero_sf: Schedule-Free AdamW and Adam-style RMSProp, fused and sharded."""
 
-from . import functional, spec
+from . import dispatch, functional, spec
 
 # The integrations plug into the core here (the core never imports them):
 # FSDP2's reshard after a train()/eval() switch, and eval_mode()'s view of a
@@ -13,7 +13,8 @@ from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
 __version__ = "0.1.0"
 
 __all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load",
-           "CheckpointError", "eval_mode", "export", "functional", "spec", "__version__"]
+           "CheckpointError", "eval_mode", "export", "dispatch", "functional", "spec",
+           "__version__"]
 
 # The checkpoint functions import torch.distributed.checkpoint, which costs
 # ~1 s at import (it pulls in DTensor): loaded on first use instead, so a

@@ -110,14 +110,15 @@ def _inputs(seed: int, n: int, y_dtype, g_dtype, device):
 
 def _sf_case(y_dtype, g_dtype, out_dtype, wd):
     def run(device, backend):
-        from . import functional as F
+        from . import dispatch
 
         ts = [_inputs(7 + i, n, y_dtype, g_dtype, device) for i, n in enumerate(SIZES)]
         outs = ([torch.zeros(n, dtype=out_dtype, device=device) for n in SIZES]
                 if out_dtype else None)
-        F.sf_adamw([t[0] for t in ts], [t[1] for t in ts], [t[2] for t in ts], [t[3] for t in ts],
-                   y_outs=outs, lr=1e-2, ck=0.3, y_coef=-7e-3, beta2=0.999, bias_correction2=0.05,
-                   eps=1e-8, weight_decay=wd, grad_scale=0.5, backend=backend)
+        dispatch.sf_adamw([t[0] for t in ts], [t[1] for t in ts], [t[2] for t in ts],
+                          [t[3] for t in ts], y_outs=outs, lr=1e-2, ck=0.3, y_coef=-7e-3,
+                          beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=wd,
+                          grad_scale=0.5, backend=backend)
         return [x for t in ts for x in (t[0], t[2], t[3])] + (outs or [])
     name = f"sf_adamw y={_short(y_dtype)} g={_short(g_dtype)}" + (
         f" y_out={_short(out_dtype)}" if out_dtype else "") + f" wd={wd}"
@@ -126,18 +127,19 @@ def _sf_case(y_dtype, g_dtype, out_dtype, wd):
 
 def _rmsprop_case(momentum, centered, bias_correction, eps_in_sqrt, maximize, dtype):
     def run(device, backend):
-        from . import functional as F
+        from . import dispatch
 
         ts = [_inputs(11 + i, n, dtype, dtype, device) for i, n in enumerate(SIZES)]
         if centered:  # a reachable state: E[g^2] >= E[g]^2
             for t in ts:
                 t[3] += t[4] * t[4]
-        F.rmsprop([t[0] for t in ts], [t[1] for t in ts], [t[3] for t in ts],
-                  momentum_buffers=[t[2] for t in ts] if momentum else None,
-                  grad_avgs=[t[4] for t in ts] if centered else None,
-                  lr=1e-2, alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=momentum,
-                  centered=centered, bias_correction2=0.19 if bias_correction else 1.0,
-                  eps_in_sqrt=eps_in_sqrt, maximize=maximize, grad_scale=2.0, backend=backend)
+        dispatch.rmsprop([t[0] for t in ts], [t[1] for t in ts], [t[3] for t in ts],
+                         momentum_buffers=[t[2] for t in ts] if momentum else None,
+                         grad_avgs=[t[4] for t in ts] if centered else None,
+                         lr=1e-2, alpha=0.9, eps=1e-6, weight_decay=0.01, momentum=momentum,
+                         centered=centered, bias_correction2=0.19 if bias_correction else 1.0,
+                         eps_in_sqrt=eps_in_sqrt, maximize=maximize, grad_scale=2.0,
+                         backend=backend)
         return [x for t in ts for x in (t[0], t[3], t[2], t[4])]
     name = (f"rmsprop {_short(dtype)} momentum={momentum} centered={centered} "
             f"bias_correction={bias_correction} eps_in_sqrt={eps_in_sqrt} maximize={maximize}")
@@ -146,13 +148,13 @@ def _rmsprop_case(momentum, centered, bias_correction, eps_in_sqrt, maximize, dt
 
 def _interp_case(dtype, with_out):
     def run(device, backend):
-        from . import functional as F
+        from . import dispatch
 
         ts = [_inputs(13 + i, n, torch.float32 if with_out else dtype, dtype, device)
               for i, n in enumerate(SIZES)]
         outs = [torch.zeros(n, dtype=dtype, device=device) for n in SIZES] if with_out else None
-        F.sf_interpolate([t[0] for t in ts], [t[2] for t in ts], weight=0.1, p_outs=outs,
-                         backend=backend)
+        dispatch.sf_interpolate([t[0] for t in ts], [t[2] for t in ts], weight=0.1, p_outs=outs,
+                                backend=backend)
         return [t[0] for t in ts] + (outs or [])
     return f"sf_interpolate {_short(dtype)}{' (fp32 master + copy)' if with_out else ''}", run, RTOL
 
@@ -161,7 +163,7 @@ def _compressed_case(interpolate: bool):
     """A ZeRO shard of a bf16 model with compressed state (docs/design.md
     §11): bf16 y + int16 remainder, bf16 z and v rounded stochastically."""
     def run(device, backend):
-        from . import functional as F
+        from . import dispatch
         from .spec import join_master, split_master
 
         ts = [_inputs(17 + i, n, torch.float32, torch.bfloat16, device)
@@ -169,13 +171,13 @@ def _compressed_case(interpolate: bool):
         ys, rems = zip(*(split_master(t[0]) for t in ts))
         zs = [t[2].bfloat16() for t in ts]
         vs = [t[3].bfloat16() for t in ts]
-        F.sf_adamw(list(ys), [t[1] for t in ts], zs, vs, lr=1e-2, ck=0.3, y_coef=-7e-3,
-                   beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=0.1,
-                   grad_scale=0.5, remainders=list(rems), sr=(3, 2**33 + 5),
-                   index_bases=[2**32 - 500, 7, 0], backend=backend)
+        dispatch.sf_adamw(list(ys), [t[1] for t in ts], zs, vs, lr=1e-2, ck=0.3, y_coef=-7e-3,
+                          beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=0.1,
+                          grad_scale=0.5, remainders=list(rems), sr=(3, 2**33 + 5),
+                          index_bases=[2**32 - 500, 7, 0], backend=backend)
         if interpolate:
-            F.sf_interpolate(list(ys), zs, weight=1 - 1 / 0.9, remainders=list(rems),
-                             backend=backend)
+            dispatch.sf_interpolate(list(ys), zs, weight=1 - 1 / 0.9, remainders=list(rems),
+                                    backend=backend)
         return [join_master(y, r) for y, r in zip(ys, rems)] + zs + vs
     return (f"compressed ZeRO shard (bf16 y + remainder, bf16 state, stochastic rounding)"
             f"{' + eval switch' if interpolate else ''}", run, RTOL)

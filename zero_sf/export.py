@@ -31,7 +31,7 @@ def _unwrap(model: Any) -> nn.Module:
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full state dict on the CPU: DTensor (FSDP2) entries are
     all-gathered (collective: every rank calls this)."""
-    from .functional import is_dtensor
+    from .dispatch import is_dtensor
 
     out = {}
     for name, value in _unwrap(model).state_dict().items():

@@ -84,21 +84,21 @@ def resolve(obj) -> Switchable:
     For DeepSpeed, the basic optimizer also learns to regather the model's
     parameters after *any* later switch, so ``optimizer.eval()`` called by
     Accelerate or the Trainer reaches the model too."""
-    from .optim._base import ZeroSFOptimizer
+    from .optim._base import ElementwiseOptimizer
     from .sharding import ZeroOptimizer
 
     seen = []
     cur = obj
     while True:
         seen.append(type(cur).__name__)
-        if isinstance(cur, (ZeroSFOptimizer, ZeroOptimizer)):
+        if isinstance(cur, (ElementwiseOptimizer, ZeroOptimizer)):
             return Switchable(cur)
         for engine_resolver in _ENGINE_RESOLVERS:
             found = engine_resolver(cur)
             if found is not None:
                 return Switchable(found)
         if (_deepspeed_zero_optimizer(cur)
-                and isinstance(getattr(cur, "optimizer", None), ZeroSFOptimizer)):
+                and isinstance(getattr(cur, "optimizer", None), ElementwiseOptimizer)):
             cur.optimizer.add_switch_hook(cur.update_lp_params)
             return Switchable(cur.optimizer)
         inner = getattr(cur, "optimizer", None)

@@ -121,7 +121,7 @@ def compression_defaults(state_dtype, state_rounding, master_weights, seed) -> d
 
 def remainder_bits(value: Tensor) -> Tensor:
     """A saved remainder as int16: as saved, or from the bfloat16 view of its
-    bits that FSDP2 state dicts carry (:meth:`ZeroSFOptimizer.export_param_state`)."""
+    bits that FSDP2 state dicts carry (:meth:`ElementwiseOptimizer.export_param_state`)."""
     if value.dtype == torch.int16:
         return value
     if value.dtype == torch.bfloat16:

@@ -110,7 +110,7 @@ def test_sf_adamw_low_precision_y_in_place(n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multi_tensor_launch_matches_spec(dtype):
     """Many small tensors of mixed sizes go through one chunk-table launch."""
-    from zero_sf.kernels import launch
+    from zero_sf.kernels import host as launch
     sizes = [1, 3, 127, 128, 129, 1024, 1025, 5000, 17]
     gen = torch.Generator().manual_seed(3)
     ys = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
@@ -197,7 +197,7 @@ def test_chunk_table_sends_only_aligned_whole_blocks_down_the_unmasked_path():
     pointers are all 16-byte aligned.  A view at a 4-byte offset (a parameter
     inside a flat buffer) must go to the masked launch, or a GPU would issue
     misaligned 128-bit accesses; the interpreter cannot tell."""
-    from zero_sf.kernels import launch
+    from zero_sf.kernels import host as launch
     B = launch.BLOCK
     buf = torch.zeros(3 * B + 8)
     aligned, odd_size, unaligned = buf[: 2 * B], torch.zeros(B + 5), buf[1: B + 1]

@@ -86,7 +86,7 @@ def _build_model(sc: Scenario, init_seed: int):
 # ----------------------------------------------------------------- reference
 def _stale(opt, p) -> bool:
     """Whether ``p`` was written since ``opt``'s last write: its remainder no
-    longer applies (ZeroSFOptimizer._written_since_our_step)."""
+    longer applies (ElementwiseOptimizer._written_since_our_step)."""
     return (not opt._writes_tracked_outside
             and opt._versions.get(id(p), p._version) != p._version)
 

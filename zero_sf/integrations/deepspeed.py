@@ -31,7 +31,7 @@ import torch
 from ..layout import element_numbering
 from ..modes import register_engine_resolver, resolve
 from ..optim import RMSProp, ScheduleFreeAdamW
-from ..optim._base import ZeroSFOptimizer
+from ..optim._base import ElementwiseOptimizer
 from ..storage import KEEP_ON_LOAD, state_dtype_for
 
 __all__ = ["OPTIMIZERS", "register", "check_config", "initialize", "eval", "train",
@@ -72,12 +72,12 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 
 def _is_ours(config: dict[str, Any], optimizer: Any) -> bool:
-    if isinstance(optimizer, ZeroSFOptimizer):
+    if isinstance(optimizer, ElementwiseOptimizer):
         return True
-    if isinstance(optimizer, type) and issubclass(optimizer, ZeroSFOptimizer):
+    if isinstance(optimizer, type) and issubclass(optimizer, ElementwiseOptimizer):
         return True
     func = getattr(optimizer, "func", None)  # functools.partial(ScheduleFreeAdamW, ...)
-    if isinstance(func, type) and issubclass(func, ZeroSFOptimizer):
+    if isinstance(func, type) and issubclass(func, ElementwiseOptimizer):
         return True
     return optimizer is None and (config.get("optimizer") or {}).get("type") in OPTIMIZERS
 
@@ -86,7 +86,7 @@ def _asks_for_remainders(cfg: dict[str, Any], optimizer: Any) -> bool:
     params = (cfg.get("optimizer") or {}).get("params") or {}
     if optimizer is None and params.get("master_weights") not in (None, "fp32"):
         return True
-    if isinstance(optimizer, ZeroSFOptimizer):
+    if isinstance(optimizer, ElementwiseOptimizer):
         return any(g.get("master_weights") == "remainder" for g in optimizer.param_groups)
     keywords = getattr(optimizer, "keywords", None) or {}  # functools.partial
     return keywords.get("master_weights") == "remainder"
@@ -218,19 +218,19 @@ def _bind_partition_bases(engine) -> None:
             basic.bind(part, index_base=first[(gi, 0)] + rank * part.numel())
 
 
-def _basic_optimizer(engine) -> ZeroSFOptimizer:
+def _basic_optimizer(engine) -> ElementwiseOptimizer:
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if stage == 3:  # reached through register() + a plain deepspeed.initialize
         raise ValueError(_STAGE3_ERROR)
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", None)
     for candidate in (inner, opt):
-        if isinstance(candidate, ZeroSFOptimizer):
+        if isinstance(candidate, ElementwiseOptimizer):
             return candidate
     raise TypeError(f"engine's optimizer {type(opt).__name__} does not wrap a zero_sf optimizer")
 
 
-def _resolve_engine(obj) -> Optional[ZeroSFOptimizer]:
+def _resolve_engine(obj) -> Optional[ElementwiseOptimizer]:
     """:func:`zero_sf.modes.resolve`'s view of a DeepSpeed engine: refuses
     stage 3 and engines without a zero_sf optimizer; at stage 0 (fp32) the
     basic optimizer updates the model's own parameters, so switching it is
@@ -333,7 +333,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
     return tag
 
 
-def _read_partitions(folder: str, zopt, basic: ZeroSFOptimizer):
+def _read_partitions(folder: str, zopt, basic: ElementwiseOptimizer):
     """Every rank's saved ZeRO state dict, and per param group the saved fp32
     partitions; raises (before anything is loaded) for a checkpoint of
     another model, optimizer or alignment."""

@@ -1,7 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) glue.
 
 The optimizers update FSDP2's DTensor parameters through their local shards
-(:mod:`zero_sf.functional`); this module only keeps FSDP2's *unsharded*
+(:mod:`zero_sf.dispatch`); this module only keeps FSDP2's *unsharded*
 copies from going stale when Schedule-Free's ``train()`` / ``eval()`` move
 the parameters between y and x.
 

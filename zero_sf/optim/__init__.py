@@ -1,4 +1,5 @@
+from ._base import ElementwiseOptimizer, ZeroSFOptimizer
 from .rmsprop import RMSProp
 from .schedule_free import ScheduleFreeAdamW
 
-__all__ = ["RMSProp", "ScheduleFreeAdamW"]
+__all__ = ["ElementwiseOptimizer", "RMSProp", "ScheduleFreeAdamW", "ZeroSFOptimizer"]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..functional import check_backend, is_dtensor
+from ..dispatch import check_backend, is_dtensor
 from ..storage import Storage, state_dtype_name
 from .compressed import CompressedState
 from .state_dicts import StateDicts
@@ -24,7 +24,7 @@ from .state_dicts import StateDicts
 DTENSOR_SWITCH_HOOKS: list = []
 
 
-class ZeroSFOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
+class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
     """Base class of zero_sf's elementwise optimizers: subclasses define
     ``_validate_group``, ``_init_state`` and the step.  State dicts are
     :class:`.state_dicts.StateDicts`' job, compressed-state bookkeeping
@@ -198,3 +198,7 @@ class ZeroSFOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
             for p, _ in pairs:
                 self._init_state(p, group)
 
+
+# The name before issue #22 (it read like ZeroOptimizer's, which shards; this
+# class updates whole tensors or FSDP2's local shards element by element).
+ZeroSFOptimizer = ElementwiseOptimizer

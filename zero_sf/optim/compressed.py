@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
-from ..functional import is_dtensor
+from ..dispatch import is_dtensor
 from ..layout import element_numbering
 from ..storage import Storage
 
@@ -41,7 +41,7 @@ else:
 
 
 class CompressedState(_Host):
-    """Mixin of :class:`~zero_sf.optim._base.ZeroSFOptimizer` (which sets
+    """Mixin of :class:`~zero_sf.optim._base.ElementwiseOptimizer` (which sets
     these attributes up in ``__init__`` and ``__setstate__``)."""
 
     _bases: dict[int, int]  # id(param) -> bound index base (a shard's)

@@ -9,16 +9,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import dispatch
 from ..spec import rms_bias_correction
 from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
-from ._base import ZeroSFOptimizer
+from ._base import ElementwiseOptimizer
 from .validation import check_number, host_float
 
 __all__ = ["RMSProp"]
 
 
-class RMSProp(ZeroSFOptimizer):
+class RMSProp(ElementwiseOptimizer):
     r"""RMSProp with one second-moment state; Adam with ``beta1 = 0`` when
     ``bias_correction=True``.
 
@@ -100,7 +100,7 @@ class RMSProp(ZeroSFOptimizer):
             if group[flag]:
                 raise ValueError(
                     f"Invalid {flag} value: True (zero_sf.RMSProp does not support it)")
-        F.check_backend(group["backend"])
+        dispatch.check_backend(group["backend"])
         check_compression(group)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ class RMSProp(ZeroSFOptimizer):
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
                 rems, sr = self._remainders(ps, group), Storage.of(group).sr(step)
-                F.rmsprop(
+                dispatch.rmsprop(
                     ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
                     momentum_buffers=([s["momentum_buffer"] for s in states]
                                       if group["momentum"] > 0 else None),

@@ -7,10 +7,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import dispatch
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
 from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
-from ._base import DTENSOR_SWITCH_HOOKS, ZeroSFOptimizer
+from ._base import DTENSOR_SWITCH_HOOKS, ElementwiseOptimizer
 from .validation import check_int, check_number, host_float
 
 __all__ = ["ScheduleFreeAdamW"]
@@ -34,7 +34,7 @@ def validate_sf_group(group: dict[str, Any]) -> None:
     check_int("warmup_steps", group["warmup_steps"])
     check_number("r", group["r"])
     check_number("weight_lr_power", group["weight_lr_power"])
-    F.check_backend(group["backend"])
+    dispatch.check_backend(group["backend"])
     check_compression(group)
 
 
@@ -46,7 +46,7 @@ def eval_mode_error(name: str) -> RuntimeError:
         "(evaluation, saving)")
 
 
-class ScheduleFreeAdamW(ZeroSFOptimizer):
+class ScheduleFreeAdamW(ElementwiseOptimizer):
     r"""Schedule-Free AdamW (Defazio et al., 2024), a drop-in for
     ``schedulefree.AdamWScheduleFree`` 1.4.x.
 
@@ -135,11 +135,11 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             if ps:
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 rems = self._remainders(ps, group)
-                F.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
-                                 p_outs=self._outs(ps), remainders=rems,
-                                 backend=group["backend"])
+                dispatch.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
+                                        p_outs=self._outs(ps), remainders=rems,
+                                        backend=group["backend"])
                 self._mark_written(ps, rems)
-                sharded += [p for p in ps if F.is_dtensor(p)]
+                sharded += [p for p in ps if dispatch.is_dtensor(p)]
             group["train_mode"] = to_train
         if sharded:  # FSDP2 must drop unsharded copies of the old values
             for hook in DTENSOR_SWITCH_HOOKS:  # zero_sf.integrations.fsdp's reshard
@@ -198,15 +198,15 @@ class ScheduleFreeAdamW(ZeroSFOptimizer):
             if params:
                 states = [self.state[p] for p in params]
                 rems, sr = self._remainders(params, group), Storage.of(group).sr(group["k"])
-                F.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
-                           [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
-                           y_coef=sc.y_coef, beta2=beta2,
-                           bias_correction2=sc.bias_correction2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                           y_outs=self._outs(params),
-                           remainders=rems, sr=sr,
-                           index_bases=self._index_bases(params) if sr else None,
-                           backend=group["backend"])
+                dispatch.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
+                                  [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
+                                  y_coef=sc.y_coef, beta2=beta2,
+                                  bias_correction2=sc.bias_correction2, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                                  y_outs=self._outs(params),
+                                  remainders=rems, sr=sr,
+                                  index_bases=self._index_bases(params) if sr else None,
+                                  backend=group["backend"])
                 self._mark_written(params, rems)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
                          scheduled_lr=sc.lr)

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..functional import is_dtensor
+from ..dispatch import is_dtensor
 from ..storage import STORAGE_KEYS, Storage, remainder_bits, state_dtype_for
 
 
 def _looks_like(groups: list[dict[str, Any]], state_keys: set[str]) -> str:
     """A best guess at which optimizer saved a state dict, for the error of
-    :meth:`ZeroSFOptimizer._check_saved_kind`."""
+    :meth:`ElementwiseOptimizer._check_saved_kind`."""
     keys = {k for g in groups for k in g}
     if {"exp_avg", "exp_avg_sq"} <= state_keys:
         adamw = (any(g.get("decoupled_weight_decay") for g in groups)
@@ -39,7 +39,7 @@ else:
 
 
 class StateDicts(_Host):
-    """Mixin of :class:`~zero_sf.optim._base.ZeroSFOptimizer` (before
+    """Mixin of :class:`~zero_sf.optim._base.ElementwiseOptimizer` (before
     ``torch.optim.Optimizer`` in its bases, whose state-dict methods it
     wraps): subclasses say what the state dicts they load look like
     (``_SAVED_GROUP_KEYS``: keys every param group of such a state dict has;

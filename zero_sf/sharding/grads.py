@@ -117,7 +117,7 @@ class _Base:
         self.params = params
         self.buffers = buffers
         self.rank = rank
-        self.group = process_group
+        self.process_group = process_group
         self.device = device
         self.missing_error = missing_error
         self.index = {id(params[s.index]): s.index for buf in buffers for s in buf.slots}
@@ -182,7 +182,7 @@ class FullGrads(_Base):
                     p.grad = view.view_as(p)
             for b, chunk in zip(buf.buckets, self.chunks[bi]):  # in place
                 works.append(comm.reduce_scatter_sum(chunk, fg[b.start:b.start + b.numel],
-                                                     self.group, async_op=True))
+                                                     self.process_group, async_op=True))
         for w in works:
             if w is not None:
                 w.wait()
@@ -298,7 +298,7 @@ class ShardedGrads(_Base):
         # later ones (more micro-batches, another backward) are added.
         out = chunk if (bi, bk) not in self.launched else torch.empty_like(chunk)
         staging = self.staging.pop((bi, bk))
-        work = comm.reduce_scatter_sum(out, staging, self.group, async_op=True)
+        work = comm.reduce_scatter_sum(out, staging, self.process_group, async_op=True)
         self.launched.add((bi, bk))
         self.seen[(bi, bk)].clear()
         # The staging buffer stays alive until the collective has read it.

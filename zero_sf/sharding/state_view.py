@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..layout import FlatBuffer
-from ..optim._base import ZeroSFOptimizer
+from ..optim._base import ElementwiseOptimizer
 from ..optim.validation import host_float
 from ..spec import join_master, split_master
 from ..storage import KEEP_ON_LOAD, state_dtype_for
@@ -30,7 +30,7 @@ class ShardedState:
     """The checkpoint view of one ZeroOptimizer (``optimizer.sharded_state``)."""
 
     def __init__(self, *, params: list[Tensor], buffers: list[FlatBuffer], weights: FlatParams,
-                 inner: ZeroSFOptimizer, hyper: HyperSync, rank: int, process_group,
+                 inner: ElementwiseOptimizer, hyper: HyperSync, rank: int, process_group,
                  device: torch.device, master_weights: str,
                  adopt_model_writes: Callable[[], None]) -> None:
         self.params = params  # the optimizer's parameters, flattened in group order

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..functional import is_dtensor
+from ..dispatch import is_dtensor
 from ..layout import build_layout, element_numbering
 from ..optim import ScheduleFreeAdamW
 from . import agreement, comm
@@ -173,7 +173,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Global index of this rank's first element of every bucket chunk,
         for stochastic rounding: elements numbered in flat-buffer order
         without the padding, which is how the single-device optimizer
-        numbers them (``ZeroSFOptimizer._index_bases``): the same random
+        numbers them (``ElementwiseOptimizer._index_bases``): the same random
         bits at every world size.  (Padding elements reuse the next bucket's
         numbers; their values are never read.)"""
         first = element_numbering(self._trainable_by_group())
@@ -501,7 +501,10 @@ def _check_process_group(process_group) -> None:
             "(or unset WORLD_SIZE for a single-process run)")
 
 
-def ZeroScheduleFreeAdamW(params, *, stage: int = 2, process_group=None, **kwargs) -> ZeroOptimizer:
-    """``ZeroOptimizer(params, ScheduleFreeAdamW, ...)``."""
-    return ZeroOptimizer(params, ScheduleFreeAdamW, stage=stage, process_group=process_group,
+class ZeroScheduleFreeAdamW(ZeroOptimizer):
+    """``ZeroOptimizer(params, ScheduleFreeAdamW, ...)`` (a class since issue
+    #22, so ``isinstance`` and error messages name what the user built)."""
+
+    def __init__(self, params, *, stage: int = 2, process_group=None, **kwargs) -> None:
+        super().__init__(params, ScheduleFreeAdamW, stage=stage, process_group=process_group,
                          **kwargs)
