@@ -15,6 +15,7 @@ from torch import Tensor
 from ..dispatch import check_backend, is_dtensor
 from ..storage import Storage, state_dtype_name
 from .compressed import CompressedState
+from .split_step import SplitStep
 from .state_dicts import StateDicts
 
 # Called with the DTensor parameters a train()/eval() switch moved, after
@@ -30,12 +31,16 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
     :class:`.state_dicts.StateDicts`' job, compressed-state bookkeeping
     :class:`.compressed.CompressedState`'s."""
 
+    # group entries a step advances (Schedule-Free's k, ...); see split_step.py
+    _STEP_GROUP_KEYS: tuple[str, ...] = ()
+
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         check_backend(defaults["backend"])
         super().__init__(params, defaults)
         self._outputs: dict[int, Tensor] = {}
         self._grads: dict[int, Tensor] = {}
         self._switch_hooks: list = []
+        self._switch_bindings: list = []
         self._bases: dict[int, int] = {}
         self._base_cache: tuple = (None, {})
         self._versions: dict[int, int] = {}
@@ -43,6 +48,7 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
         # the next step compares them with p (see _remainders)
         self._loaded_bases: dict[int, Tensor] = {}
         self._writes_tracked_outside = False
+        self._split_step = SplitStep(self._STEP_GROUP_KEYS)
 
     # -- the mode API (owners such as ZeroOptimizer ask, never read groups) --
     def in_train_mode(self) -> bool:
@@ -65,6 +71,15 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
         Idempotent; not part of the state dict or a pickle."""
         if hook not in self._switch_hooks:
             self._switch_hooks.append(hook)
+
+    def add_switch_binding(self, binding) -> None:
+        """Enter ``binding()`` (a context manager) around every train()/eval()
+        switch: it puts into the param groups the tensors the switch must
+        move that are not there between steps (DeepSpeed ZeRO-3 empties the
+        groups and sets one sub-group partition at a time for its step
+        calls).  Idempotent; not part of the state dict or a pickle."""
+        if binding not in self._switch_bindings:
+            self._switch_bindings.append(binding)
 
     # -- shard bindings (used by the sharded optimizer) --------------------
     def bind(self, param: Tensor, *, grad: Optional[Tensor] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -86,6 +87,9 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
     _SAVED_GROUP_KEYS = ("k", "train_mode", "weight_sum", "lr_max", "betas", "warmup_steps")
     _SAVED_STATE_KEYS = frozenset({"z", "exp_avg_sq", "remainder", "remainder_base"})
     _PEERS = "zero_sf.ScheduleFreeAdamW and schedulefree.AdamWScheduleFree"
+    # the group entries a step advances (one step split over several calls
+    # advances them once: split_step.py)
+    _STEP_GROUP_KEYS = ("k", "lr_max", "weight_sum", "scheduled_lr")
 
     def __init__(
         self,
@@ -125,6 +129,34 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
 
     @torch.no_grad()
     def _switch(self, to_train: bool) -> None:
+        with contextlib.ExitStack() as bound:
+            for binding in self._switch_bindings:  # e.g. ZeRO-3's sub-group partitions
+                bound.enter_context(binding())
+            self._check_state_in_groups(to_train)
+            switched = self._switch_groups(to_train)
+            if switched:
+                for hook in self._switch_hooks:  # e.g. DeepSpeed's copy into the model
+                    hook()
+
+    def _check_state_in_groups(self, to_train: bool) -> None:
+        """A switch moves the tensors in the param groups.  State held for a
+        tensor in none of them (DeepSpeed ZeRO-3 empties the groups between
+        steps) would stay at the old weights while the flag flips: refuse."""
+        if not any(g["train_mode"] != to_train for g in self.param_groups):
+            return
+        in_groups = {id(p) for g in self.param_groups for p in g["params"]}
+        orphans = [p for p in self.state if id(p) not in in_groups and "z" in self.state[p]]
+        if orphans:
+            raise RuntimeError(
+                f"{type(self).__name__}.{'train' if to_train else 'eval'}(): the optimizer "
+                f"holds state for {len(orphans)} tensor(s) that are in none of its param "
+                "groups, so the switch cannot move them (DeepSpeed ZeRO-3 empties the groups "
+                "between steps); switch through the engine: zero_sf.deepspeed.eval(engine) / "
+                "train(engine), zero_sf.eval_mode(engine), or call zero_sf.modes.resolve("
+                "engine) once (zero_sf's ScheduleFreeCallback does) and then "
+                "optimizer.eval()/train() reach the partitions")
+
+    def _switch_groups(self, to_train: bool) -> bool:
         sharded, switched = [], False
         for group in self.param_groups:
             if group["train_mode"] == to_train:
@@ -144,9 +176,7 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
         if sharded:  # FSDP2 must drop unsharded copies of the old values
             for hook in DTENSOR_SWITCH_HOOKS:  # zero_sf.integrations.fsdp's reshard
                 hook(sharded)
-        if switched:
-            for hook in self._switch_hooks:  # e.g. DeepSpeed's copy into the model
-                hook()
+        return switched
 
     def in_train_mode(self) -> bool:
         return all(g["train_mode"] for g in self.param_groups)
@@ -186,6 +216,9 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
             return loss
         if not all(g["train_mode"] for g in self.param_groups):
             raise eval_mode_error(type(self).__name__)
+        # DeepSpeed ZeRO-3 steps each sub-group partition in its own call:
+        # k and the weights advance once per engine step (split_step.py)
+        self._split_step.begin(self.param_groups, [p for pairs in active for p, _ in pairs])
         for group, pairs in zip(self.param_groups, active):
             params = [p for p, _ in pairs]
             beta1, beta2 = group["betas"]
@@ -210,4 +243,5 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
                 self._mark_written(params, rems)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,
                          scheduled_lr=sc.lr)
+        self._split_step.end(self.param_groups)
         return loss

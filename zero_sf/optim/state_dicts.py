@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..dispatch import is_dtensor
 from ..storage import STORAGE_KEYS, Storage, remainder_bits, state_dtype_for
+from .split_step import SplitStep
 
 
 def _looks_like(groups: list[dict[str, Any]], state_keys: set[str]) -> str:
@@ -100,11 +101,14 @@ class StateDicts(_Host):
         self.__dict__.setdefault("_outputs", {})
         self.__dict__.setdefault("_grads", {})
         self.__dict__.setdefault("_switch_hooks", [])
+        self.__dict__.setdefault("_switch_bindings", [])
         self.__dict__.setdefault("_bases", {})
         self.__dict__.setdefault("_base_cache", (None, {}))
         self.__dict__.setdefault("_versions", {})
         self.__dict__.setdefault("_loaded_bases", {})
         self.__dict__.setdefault("_writes_tracked_outside", False)
+        self.__dict__.setdefault(
+            "_split_step", SplitStep(getattr(type(self), "_STEP_GROUP_KEYS", ())))
         # Groups saved by a peer optimizer (torch.optim.RMSprop,
         # schedulefree.AdamWScheduleFree) lack our extra keys: use defaults.
         for group in self.param_groups:
