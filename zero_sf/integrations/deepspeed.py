@@ -1,5 +1,6 @@
 """DeepSpeed integration (docs/design.md §6): zero_sf optimizers from a DeepSpeed
-config or as client optimizers, under ZeRO stage 1 and 2.
+config or as client optimizers, under ZeRO stage 1, 2 and 3 (stage 3's own
+bookkeeping is :mod:`.deepspeed_zero3`'s).
 
 Under ZeRO-1/2 DeepSpeed partitions the model itself and hands the optimizer
 one flat fp32 partition per param group, calling ``step()`` once per group
@@ -33,6 +34,7 @@ from ..modes import register_engine_resolver, resolve
 from ..optim import RMSProp, ScheduleFreeAdamW
 from ..optim._base import ElementwiseOptimizer
 from ..storage import KEEP_ON_LOAD, state_dtype_for
+from .deepspeed_zero3 import Stage3, is_stage3_optimizer
 
 __all__ = ["OPTIMIZERS", "register", "check_config", "initialize", "eval", "train",
            "load_checkpoint"]
@@ -56,10 +58,6 @@ def register() -> None:
         elif existing is not cls:
             raise RuntimeError(f"torch.optim.{name} already exists ({existing!r}); "
                                "zero_sf cannot register its optimizer under that name")
-
-
-_STAGE3_ERROR = ("zero_sf optimizers support DeepSpeed ZeRO stage 0, 1 and 2, got "
-                 "zero_optimization.stage=3; use stage 1 or 2 (or zero_sf.ZeroOptimizer)")
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -99,9 +97,10 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
     Raises ValueError for configurations that would corrupt Schedule-Free state:
     ZeRO stage 0 with bf16/fp16 (DeepSpeed's ``FP16_UnfusedOptimizer`` calls
     ``step()`` once with zero gradients at construction, advancing the step
-    counter), ZeRO stage 3 (not supported yet), an explicit
-    ``zero_allow_untested_optimizer: false``, and layouts our resharding
-    loader does not handle (``round_robin_gradients``)."""
+    counter), an explicit ``zero_allow_untested_optimizer: false``, layouts
+    our resharding loader does not handle (``round_robin_gradients``), and
+    what ZeRO-3 cannot do exactly here (NVMe, ZeRO++'s quantized weights and
+    gradients and its hpZ secondary partitions)."""
     cfg = _as_dict(config)
     if not _is_ours(cfg, optimizer):
         return cfg
@@ -109,7 +108,7 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
     stage = int(zero.get("stage", 0))
     low = any((cfg.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16", "bfloat16"))
     if stage == 3:
-        raise ValueError(_STAGE3_ERROR)
+        _check_stage3(zero)
     if stage == 0 and low:
         raise ValueError(
             "zero_sf optimizers cannot run under DeepSpeed ZeRO stage 0 with bf16/fp16: "
@@ -147,6 +146,32 @@ def check_config(config: Any, optimizer: Any = None) -> dict[str, Any]:
                 "(tests/test_deepspeed.py): remove the entry or set it to true")
         cfg["zero_allow_untested_optimizer"] = True
     return cfg
+
+
+def _check_stage3(zero: dict[str, Any]) -> None:
+    """What zero_sf cannot make exact under ZeRO-3, refused before anything
+    is built (docs/design.md §6)."""
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device == "nvme":
+            raise ValueError(
+                f"zero_optimization.{key}.device='nvme' is not supported with zero_sf "
+                "optimizers: DeepSpeed's NVMe swapper moves the optimizer state and "
+                "partitions in and out behind the optimizer, which zero_sf's train()/eval() "
+                "and checkpoint loader do not follow; use 'cpu' or 'none'")
+    for key, what in (("zero_quantized_weights", "quantizes the gathered weights (qwZ)"),
+                      ("zero_quantized_nontrainable_weights", "quantizes frozen weights"),
+                      ("zero_quantized_gradients", "quantizes the gradient reduction (qgZ)")):
+        if zero.get(key):
+            raise ValueError(
+                f"zero_optimization.{key}=true is not supported with zero_sf optimizers: "
+                f"ZeRO++ {what}, so training would not match unsharded training; remove it")
+    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1:
+        raise ValueError(
+            f"zero_optimization.zero_hpz_partition_size={hpz} is not supported with zero_sf "
+            "optimizers yet (ZeRO++ hpZ keeps secondary weight partitions that zero_sf's "
+            "train()/eval() switch does not refresh exactly); remove it or set it to 1")
 
 
 class _DropOurUntestedWarning(logging.Filter):
@@ -219,10 +244,9 @@ def _bind_partition_bases(engine) -> None:
 
 
 def _basic_optimizer(engine) -> ElementwiseOptimizer:
-    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
-    if stage == 3:  # reached through register() + a plain deepspeed.initialize
-        raise ValueError(_STAGE3_ERROR)
     opt = engine.optimizer
+    if is_stage3_optimizer(opt):  # its train()/eval() now reach the partitions
+        return Stage3.of(opt).basic
     inner = getattr(opt, "optimizer", None)
     for candidate in (inner, opt):
         if isinstance(candidate, ElementwiseOptimizer):
@@ -231,15 +255,20 @@ def _basic_optimizer(engine) -> ElementwiseOptimizer:
 
 
 def _resolve_engine(obj) -> Optional[ElementwiseOptimizer]:
-    """:func:`zero_sf.modes.resolve`'s view of a DeepSpeed engine: refuses
-    stage 3 and engines without a zero_sf optimizer; at stage 0 (fp32) the
-    basic optimizer updates the model's own parameters, so switching it is
-    enough.  At stages 1/2 resolve() goes on to the ZeRO optimizer, whose
-    update_lp_params becomes a switch hook."""
+    """:func:`zero_sf.modes.resolve`'s view of a DeepSpeed engine or ZeRO-3
+    optimizer: refuses engines without a zero_sf optimizer; at stage 0
+    (fp32) the basic optimizer updates the model's own parameters, so
+    switching it is enough; at stage 3 it learns to bind the sub-group
+    partitions and refresh the model around every switch.  At stages 1/2
+    resolve() goes on to the ZeRO optimizer, whose update_lp_params becomes
+    a switch hook."""
+    if is_stage3_optimizer(obj) and isinstance(getattr(obj, "optimizer", None),
+                                               ElementwiseOptimizer):
+        return Stage3.of(obj).basic  # e.g. under Accelerate's DeepSpeedOptimizerWrapper
     if not (callable(getattr(obj, "zero_optimization_stage", None)) and hasattr(obj, "optimizer")):
         return None
     basic = _basic_optimizer(obj)
-    return basic if obj.optimizer is basic else None
+    return basic if obj.optimizer is basic or is_stage3_optimizer(obj.optimizer) else None
 
 
 register_engine_resolver(_resolve_engine)
@@ -293,6 +322,9 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
     if zopt is basic:  # ZeRO stage 0: DeepSpeed's own loader is exact
         engine.load_checkpoint(load_dir, tag)
         return tag
+    if is_stage3_optimizer(zopt):
+        _load_zero3(engine, folder, Stage3.of(zopt))
+        return tag
     sds, flats = _read_partitions(folder, zopt, basic)
     # Module weights (DeepSpeed's own loader; the optimizer part is ours).
     engine.load_checkpoint(load_dir, tag, load_module_only=True)
@@ -333,6 +365,60 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
     return tag
 
 
+def _load_zero3(engine, folder: str, adapter: Stage3) -> None:
+    """ZeRO-3: every parameter put together from the saved ranks' slices and
+    cut for this rank (deepspeed_zero3.Stage3.load_partitions), then the
+    group scalars, the loss scaler, the module's buffers, the model's
+    partitions and the engine's counters."""
+    zopt, basic = adapter.zopt, adapter.basic
+    files = _zero_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
+    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+           for f in files]
+    stage = int(sds[0].get("zero_stage", 0))
+    if stage != 3:
+        raise ValueError(f"checkpoint was saved at ZeRO stage {stage}, the engine runs stage 3; "
+                         "resume at the stage it was saved with")
+    saved_groups = sds[0]["optimizer_state_dict"]["param_groups"]
+    _check_saved_groups(saved_groups, len(basic.param_groups), basic)
+    meta = torch.load(_model_states_file(folder), map_location="cpu", weights_only=False)
+    shapes = [shape for sub_group in meta["param_shapes"] for shape in sub_group.values()]
+    adapter.load_partitions(sds, shapes)
+    for group, saved in zip(basic.param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params" and k not in KEEP_ON_LOAD})
+    # what DeepSpeed's own ZeRO-3 loader restores besides the partitions
+    zopt.loss_scaler = sds[0]["loss_scaler"]
+    zopt.dynamic_loss_scale = sds[0]["dynamic_loss_scale"]
+    zopt.overflow = sds[0]["overflow"]
+    saved_module = meta.get("module") or {}
+    with torch.no_grad():
+        for name, buf in engine.module.named_buffers():
+            if name in saved_module and torch.is_tensor(saved_module[name]):
+                buf.copy_(saved_module[name])
+    adapter.refresh_model()
+    _restore_engine_counters(engine, folder)
+
+
+def _model_states_file(folder: str) -> str:
+    # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one per rank, same counters
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"no DeepSpeed model states file in {folder!r}")
+
+
+def _check_saved_groups(saved_groups: list[dict[str, Any]], n_groups: int,
+                        basic: ElementwiseOptimizer) -> None:
+    if len(saved_groups) != n_groups:
+        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, the engine "
+                         f"{n_groups}; is it a checkpoint of another model?")
+    missing = set(basic.defaults) - set(saved_groups[0]) - {"backend", "foreach"}
+    if missing:
+        raise ValueError(f"checkpoint's optimizer groups lack {sorted(missing)}: it was "
+                         f"not saved with {type(basic).__name__}")
+
+
 def _read_partitions(folder: str, zopt, basic: ElementwiseOptimizer):
     """Every rank's saved ZeRO state dict, and per param group the saved fp32
     partitions; raises (before anything is loaded) for a checkpoint of
@@ -343,14 +429,7 @@ def _read_partitions(folder: str, zopt, basic: ElementwiseOptimizer):
     sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
            for f in files]
     n_groups = len(zopt.single_partition_of_fp32_groups)
-    saved_groups = sds[0]["base_optimizer_state"]["param_groups"]
-    if len(saved_groups) != n_groups:
-        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, the engine "
-                         f"{n_groups}; is it a checkpoint of another model?")
-    missing = set(basic.defaults) - set(saved_groups[0]) - {"backend", "foreach"}
-    if missing:
-        raise ValueError(f"checkpoint's optimizer groups lack {sorted(missing)}: it was "
-                         f"not saved with {type(basic).__name__}")
+    _check_saved_groups(sds[0]["base_optimizer_state"]["param_groups"], n_groups, basic)
     for sd in sds:
         if any(any(p) for p in sd.get("param_alignment_paddings", []) or []):
             raise ValueError("checkpoint uses zero_optimization.parameter_alignment; "
@@ -378,11 +457,13 @@ def _cut(pieces: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
 
 def _restore_engine_counters(engine, folder: str) -> None:
     """The engine's step and sample counters and its LR scheduler."""
-    model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
-    if os.path.exists(model_file):
-        meta = torch.load(model_file, map_location="cpu", weights_only=False)
-        engine.global_steps = meta.get("global_steps", engine.global_steps)
-        engine.global_samples = meta.get("global_samples", engine.global_samples)
-        engine.skipped_steps = meta.get("skipped_steps", engine.skipped_steps)
-        if engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
-            engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    try:
+        model_file = _model_states_file(folder)
+    except FileNotFoundError:
+        return
+    meta = torch.load(model_file, map_location="cpu", weights_only=False)
+    engine.global_steps = meta.get("global_steps", engine.global_steps)
+    engine.global_samples = meta.get("global_samples", engine.global_samples)
+    engine.skipped_steps = meta.get("skipped_steps", engine.skipped_steps)
+    if engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])

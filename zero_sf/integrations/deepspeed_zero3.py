@@ -1,0 +1,211 @@
+"""zero_sf optimizers under DeepSpeed ZeRO-3 (docs/design.md §6).
+
+What stage 3 does to a client optimizer (DeepSpeed 0.19's
+``DeepSpeedZeroOptimizer_Stage3``): every param group is split into
+sub-groups of ~``sub_group_size`` elements, each with one flat fp32
+partition (this rank's slice of each of its parameters, one after the
+other: parameter j contributes ``ceil(numel_j / N)`` elements, the last
+rank's zero-padded).  The client's ``param_groups[i]["params"]`` are emptied;
+``step()`` is called once per sub-group with that group's params set to
+the sub-group's partition.  Between steps nothing is in the groups, and the
+model's weights live in the low-precision partitions ``p.ds_tensor``
+(views of one flat buffer per sub-group), gathered by hooks at each
+module's forward -- except *persistent* parameters (below
+``stage3_param_persistence_threshold``), which stay gathered.
+
+So: the step's group scalars advance once per engine step
+(:mod:`zero_sf.optim.split_step`, with :func:`is_partition` as its rule);
+a train()/eval() switch binds every sub-group partition to its group
+(:meth:`Stage3.bound`), moves y <-> x there, and refreshes the model as the
+end of DeepSpeed's own step does (:meth:`Stage3.refresh_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ..optim._base import ElementwiseOptimizer
+from ..optim.split_step import SPLIT_STEP_PARTS
+from ..storage import state_dtype_for
+
+__all__ = ["is_partition", "is_stage3_optimizer", "Stage3"]
+
+
+def is_partition(t: Tensor) -> bool:
+    """A ZeRO-3 sub-group's fp32 partition: DeepSpeed names it by the ids of
+    its first and last parameter (``ds_id = "3_7"``, a string; the model's
+    partitioned parameters have integer ``ds_id``)."""
+    return isinstance(getattr(t, "ds_id", None), str)
+
+
+if is_partition not in SPLIT_STEP_PARTS:
+    SPLIT_STEP_PARTS.append(is_partition)
+
+# What the adapter uses of DeepSpeedZeroOptimizer_Stage3 (checked at attach,
+# so another DeepSpeed version fails clearly instead of half-switching).
+_NEEDED = ("fp16_groups", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat",
+           "sub_group_to_group_id", "persistent_parameters", "_set_fp32_optimizer_param_groups",
+           "_clear_fp32_optimizer_param_groups", "_reassign_or_swap_out_partitioned_parameters",
+           "_partition_all_parameters")
+
+
+def is_stage3_optimizer(obj: Any) -> bool:
+    return type(obj).__name__ == "DeepSpeedZeroOptimizer_Stage3"
+
+
+class Stage3:
+    """zero_sf's view of one ``DeepSpeedZeroOptimizer_Stage3``."""
+
+    def __init__(self, zopt: Any) -> None:
+        missing = [a for a in _NEEDED if not hasattr(zopt, a)]
+        if missing:
+            raise RuntimeError(
+                f"this DeepSpeed's ZeRO-3 optimizer lacks {missing}, which zero_sf's "
+                "ZeRO-3 support uses (tested with DeepSpeed 0.19); use ZeRO stage 1 or 2")
+        self.zopt = zopt
+        basic = zopt.optimizer
+        if not isinstance(basic, ElementwiseOptimizer):
+            raise TypeError(f"the ZeRO-3 optimizer wraps {type(basic).__name__}, "
+                            "not a zero_sf optimizer")
+        self.basic: ElementwiseOptimizer = basic
+
+    @classmethod
+    def of(cls, zopt: Any) -> "Stage3":
+        """The adapter of ``zopt`` (one per ZeRO-3 optimizer), attached: the
+        basic optimizer's train()/eval() reach the partitions and the model
+        from then on, whoever calls them."""
+        adapter = zopt.__dict__.get("_zero_sf_stage3")
+        if adapter is None:
+            adapter = cls(zopt)
+            zopt.__dict__["_zero_sf_stage3"] = adapter
+            adapter.basic.add_switch_binding(adapter.bound)
+            adapter.basic.add_switch_hook(adapter.refresh_model)
+        return adapter
+
+    # -- the partitions --------------------------------------------------
+    @property
+    def partitions(self) -> list[Tensor]:
+        """The fp32 partition of each sub-group, in sub-group order."""
+        return list(self.zopt.fp32_partitioned_groups_flat)
+
+    def group_of(self, sub_group: int) -> int:
+        return int(self.zopt.sub_group_to_group_id[sub_group])
+
+    def params_of(self, sub_group: int) -> list[Any]:
+        """The model parameters whose slices make up the sub-group's partition."""
+        return list(self.zopt.fp16_groups[sub_group])
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """Every sub-group's partition in its param group (DeepSpeed does the
+        same around its state_dict/load_state_dict); emptied again after."""
+        if any(g["params"] for g in self.basic.param_groups):  # inside a step or a save
+            yield
+            return
+        self.zopt._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            self.zopt._clear_fp32_optimizer_param_groups()
+
+    @torch.no_grad()
+    def refresh_model(self) -> None:
+        """The fp32 partitions into the model, as the end of DeepSpeed's own
+        ``step()`` does: release gathered parameters, copy each sub-group's
+        partition into its low-precision partition (``p.ds_tensor``),
+        re-gather the persistent parameters, drop hpZ secondary copies.  The
+        next forward gathers the new values."""
+        z = self.zopt
+        z._partition_all_parameters()
+        for i in range(len(z.fp16_groups)):
+            z._reassign_or_swap_out_partitioned_parameters(i)
+        if len(z.persistent_parameters) > 0:
+            z.persistent_parameters[0].all_gather(z.persistent_parameters)
+        if callable(getattr(z, "invalidate_secondary_tensor", None)):
+            z.invalidate_secondary_tensor()
+
+    # -- checkpoints at any world size ----------------------------------
+    def param_order(self) -> list[Any]:
+        """The model parameters in partition order (sub-group after
+        sub-group): each rank's partitions hold their slices in this order."""
+        return [p for i in range(len(self.zopt.fp16_groups)) for p in self.params_of(i)]
+
+    @torch.no_grad()
+    def load_partitions(self, saved: list[dict[str, Any]], shapes: list[torch.Size]) -> None:
+        """Load every saved rank's ZeRO-3 optimizer state (``saved[r]`` is rank
+        r's ``optimizer_state_dict``: ``fp32_flat_groups`` and the client's
+        state dict) into this rank's partitions, at any world size: each
+        parameter is put together from the saved ranks' slices and cut for
+        this one.  ``shapes``: the saved parameters' shapes in partition
+        order.  Checks everything before changing anything."""
+        import torch.distributed as dist
+
+        order = self.param_order()
+        mine = [p.ds_shape for p in order]
+        if [tuple(s) for s in shapes] != [tuple(s) for s in mine]:
+            raise ValueError(f"checkpoint holds parameters of shapes {[tuple(s) for s in shapes]}, "
+                             f"the engine {[tuple(s) for s in mine]} (in partition order); is it "
+                             "a checkpoint of another model or param grouping?")
+        saved_n = len(saved)
+        counts = [math.prod(s) for s in shapes]
+        n_sub = len(saved[0]["fp32_flat_groups"])
+        states = [sd["optimizer_state_dict"]["state"] for sd in saved]
+        for sd, state in zip(saved, states):
+            flats = sd["fp32_flat_groups"]
+            if sum(f.numel() for f in flats) != sum(-(-n // saved_n) for n in counts):
+                raise ValueError("checkpoint partitions do not match its parameters at world "
+                                 f"size {saved_n}; is the checkpoint complete?")
+            for s in range(n_sub):  # state index s is sub-group s (DeepSpeed binds them in order)
+                for key, v in state.get(s, {}).items():
+                    if torch.is_tensor(v) and v.dim() > 0 and v.numel() != flats[s].numel():
+                        raise ValueError(f"checkpoint state {key!r} of sub-group {s} holds "
+                                         f"{v.numel()} elements, its partition {flats[s].numel()}")
+        keys = sorted({k for st in states for s in st.values() for k, v in s.items()
+                       if torch.is_tensor(v) and v.dim() > 0})
+
+        def whole(per_rank: list[Tensor]) -> list[Tensor]:
+            # parameter j: ceil(n_j / N) elements of each rank's concatenation
+            out, offset = [], 0
+            for n in counts:
+                size = -(-n // saved_n)
+                out.append(torch.cat([t[offset:offset + size] for t in per_rank])[:n])
+                offset += size
+            return out
+
+        def per_rank(key: Optional[str]) -> list[Tensor]:
+            if key is None:
+                return [torch.cat([f.reshape(-1).float() for f in sd["fp32_flat_groups"]])
+                        for sd in saved]
+            return [torch.cat([st[s][key].reshape(-1) for s in range(n_sub)]) for st in states]
+
+        full = {key: whole(per_rank(key)) for key in [None, *keys]}
+        rank = dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
+        by_param = {id(p): j for j, p in enumerate(order)}
+        scalars = next((dict(s) for s in states[0].values()), {})
+        for i, part in enumerate(self.partitions):
+            group = self.basic.param_groups[self.group_of(i)]
+
+            def cut(tensors: list[Tensor], i: int = i, part: Tensor = part) -> Tensor:
+                out = torch.zeros(part.numel(), dtype=tensors[0].dtype)
+                offset = 0
+                for p in self.params_of(i):
+                    size = p.partition_numel()
+                    piece = tensors[by_param[id(p)]][rank * size:(rank + 1) * size]
+                    out[offset:offset + piece.numel()] = piece
+                    offset += size
+                return out
+
+            part.copy_(cut(full[None]))
+            state = self.basic.state[part]
+            state.clear()  # the checkpoint's state, not a merge with this run's
+            for key, value in scalars.items():
+                if not (torch.is_tensor(value) and value.dim() > 0):
+                    state[key] = value  # e.g. RMSProp's step count, equal in every sub-group
+            for key in keys:
+                state[key] = cut(full[key]).to(part.device, state_dtype_for(part, group))
+            self.basic.import_param_state(state)
