@@ -154,10 +154,14 @@ def train(engine, rank, steps, ref, grads):
 def _equivalence(rank, world_size):
     import zero_sf.deepspeed as zsd
     _ds_setup(rank, world_size)
-    cases = [(False, 12, 0, "config"), (False, 10**9, 10**5, "client"),
-             (True, 12, 10**5, "plain"), (True, 25, 0, "config")]
-    for bf16, sub_group_size, persistence, route in cases:
-        engine = engine_from(config(bf16, sub_group_size, persistence), route)
+    offload = {"offload_optimizer": {"device": "cpu", "pin_memory": True},
+               "offload_param": {"device": "cpu"}}  # the fused CPU backend steps there
+    cases = [(False, 12, 0, "config", {}), (False, 10**9, 10**5, "client", {}),
+             (True, 12, 10**5, "plain", {}), (True, 25, 0, "config", {}),
+             (False, 12, 0, "config", offload)]
+    for bf16, sub_group_size, persistence, route, extra in cases:
+        engine = engine_from(config(bf16, sub_group_size, persistence, **extra), route)
+        assert bool(extra) == engine.zero_cpu_offload()
         zopt = engine.optimizer
         if sub_group_size == 12:
             assert len(zopt.fp16_groups) >= 3  # several sub-groups per param group
@@ -301,3 +305,35 @@ def test_checkpoint_save_at_2_load_at(tmp_path, loads):
     spawn(_save, 2, str(tmp_path))
     for world_size in loads:
         spawn(_resume, world_size, str(tmp_path))
+
+
+def _compressed(rank, world_size):
+    """state_dtype="bfloat16" from the config under ZeRO-3: z and exp_avg_sq
+    are bf16 and equal, bit for bit, to the single-process optimizer's.  A
+    partition holds a slice of each of several parameters, so its elements'
+    numbers jump at every slice: with one number per partition the ranks
+    would draw other random bits and round some elements the other way."""
+    import zero_sf.deepspeed as zsd
+    _ds_setup(rank, world_size)
+    kw = dict(SF_KW, state_dtype="bfloat16")
+    for bf16 in (False, True):
+        cfg = config(bf16, sub_group_size=12)
+        cfg["optimizer"]["params"] = kw
+        engine = engine_from(cfg, "config")
+        zsd.train(engine)
+        ref, grads = Reference(bf16), record_grads(engine)
+        ref.opt = zero_sf.ScheduleFreeAdamW(groups(ref.model), **kw)
+        ref.opt.train()
+        train(engine, rank, range(4), ref, grads)
+        basic = engine.optimizer.optimizer
+        for key in ("z", "exp_avg_sq"):
+            flats = [basic.state[f][key] for f in engine.optimizer.fp32_partitioned_groups_flat]
+            assert all(f.dtype == torch.bfloat16 for f in flats)
+            for got, p in zip(full(engine, flats), ref.model.parameters()):
+                want = ref.opt.state[p][key]
+                assert torch.equal(got.bfloat16().view(torch.int16), want.view(torch.int16)), key
+        assert_model(engine, ref, bf16)
+
+
+def test_bf16_state_matches_single_process_bit_for_bit():
+    spawn(_compressed, 3)

@@ -256,3 +256,42 @@ def test_remainders_through_skipped_steps_loaded_weights_and_checkpoints():
               dtype="bf16", grouping="per_layer_lr", master_weights="remainder",
               ops=(("train",), ("step", 1, False), ("step", 2, True), ("load_weights",), ("save",),
                    ("step", 1, False), ("train",), ("load",), ("step", 1, False), ("eval",))))
+
+
+@pytest.mark.parametrize("cls", [zero_sf.ScheduleFreeAdamW, zero_sf.RMSProp])
+def test_index_segments_number_a_flat_like_the_parameters_it_holds(cls):
+    """A flat of 13 elements holding a (7,) and a (5,) parameter's slices
+    and one padding element (a DeepSpeed ZeRO-3 partition), bound with one
+    run per slice, steps bit for bit like the two parameters with their own
+    numbering (bases 0 and 7 of the single process); the padding stays."""
+    kw = dict(lr=1e-2, **BF16_STATE)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, generator=g), torch.randn(5, generator=g)
+    ref = cls([a.clone().requires_grad_(), b.clone().requires_grad_()], **kw)  # numbered: 0, 7
+    flat = torch.cat([a, torch.tensor([0.25]), b])  # the padding sits between the runs
+    opt = cls([flat], **kw)
+    opt.bind(flat, index_segments=[(0, 7, 0), (8, 5, 7)])
+    for o in (ref, opt):
+        if hasattr(o, "train"):
+            o.train()
+    for step in range(3):
+        ga, gb = torch.randn(7, generator=g), torch.randn(5, generator=g)
+        ref.param_groups[0]["params"][0].grad, ref.param_groups[0]["params"][1].grad = ga, gb
+        flat.grad = torch.cat([ga, torch.tensor([1.0]), gb])
+        ref.step()
+        opt.step()
+    ra, rb = ref.param_groups[0]["params"]
+    assert torch.equal(flat[:7], ra) and torch.equal(flat[8:], rb)
+    assert flat[7] == 0.25
+    for key in ref.state[ra]:
+        if ref.state[ra][key].dim():
+            got = opt.state[flat][key]
+            assert torch.equal(got[:7], ref.state[ra][key]) and torch.equal(got[8:], ref.state[rb][key])
+
+
+def test_index_segments_must_be_ordered_runs_inside_the_parameter():
+    flat = torch.zeros(10)
+    opt = zero_sf.ScheduleFreeAdamW([flat], **BF16_STATE)
+    for bad in ([(0, 11, 0)], [(5, 3, 0), (0, 5, 3)], [(0, 6, 0), (5, 2, 6)]):
+        with pytest.raises(ValueError, match="not ordered, disjoint runs"):
+            opt.bind(flat, index_segments=bad)

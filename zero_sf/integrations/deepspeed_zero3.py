@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from ..layout import element_numbering
 from ..optim._base import ElementwiseOptimizer
 from ..optim.split_step import SPLIT_STEP_PARTS
 from ..storage import state_dtype_for
@@ -85,7 +86,32 @@ class Stage3:
             zopt.__dict__["_zero_sf_stage3"] = adapter
             adapter.basic.add_switch_binding(adapter.bound)
             adapter.basic.add_switch_hook(adapter.refresh_model)
+            adapter.bind_numbering()
         return adapter
+
+    def bind_numbering(self) -> None:
+        """Number each partition's slices as the single-process optimizer
+        numbers the model's elements (param groups in order, parameters in
+        order: :func:`~zero_sf.layout.element_numbering`), so stochastic
+        rounding of bf16 state draws the same bits at every world size.  A
+        partition holds ``ceil(numel / N)`` elements of each of its
+        parameters, from element ``rank * ceil(numel / N)`` on: one run each."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
+        per_group: list[list[tuple[int, int, None]]] = [[] for _ in self.basic.param_groups]
+        for i in range(len(self.zopt.fp16_groups)):
+            per_group[self.group_of(i)] += [(id(p), int(p.ds_numel), None)
+                                            for p in self.params_of(i)]
+        first = element_numbering(per_group)
+        for i, part in enumerate(self.partitions):
+            runs, offset = [], 0
+            for p in self.params_of(i):
+                size, start = p.partition_numel(), rank * p.partition_numel()
+                runs.append((offset, max(0, min(size, int(p.ds_numel) - start)),
+                             first[id(p)] + start))
+                offset += size
+            self.basic.bind(part, index_segments=runs)
 
     # -- the partitions --------------------------------------------------
     @property

@@ -42,6 +42,7 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
         self._switch_hooks: list = []
         self._switch_bindings: list = []
         self._bases: dict[int, int] = {}
+        self._segments: dict[int, list[tuple[int, int, int]]] = {}
         self._base_cache: tuple = (None, {})
         self._versions: dict[int, int] = {}
         # id(p) -> the bf16 weights a loaded remainder was saved with, until
@@ -83,7 +84,8 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
 
     # -- shard bindings (used by the sharded optimizer) --------------------
     def bind(self, param: Tensor, *, grad: Optional[Tensor] = None,
-             out: Optional[Tensor] = None, index_base: Optional[int] = None) -> None:
+             out: Optional[Tensor] = None, index_base: Optional[int] = None,
+             index_segments: Optional[list[tuple[int, int, int]]] = None) -> None:
         """Bind tensors to ``param`` in place of the usual attributes.
 
         ``grad``: read as ``param``'s gradient instead of ``param.grad`` (a
@@ -92,7 +94,11 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
         train/eval switch) also write its value, rounded to ``out.dtype``,
         into ``out`` in the same fused pass (the model's bf16 parameters).
         ``index_base``: the global index of ``param``'s first element, for
-        stochastic rounding (a shard's position in the whole model).  A
+        stochastic rounding (a shard's position in the whole model).
+        ``index_segments``: instead, ``(offset, length, index_base)`` per run
+        of ``param``'s flat elements numbered contiguously (a DeepSpeed
+        ZeRO-3 partition holds a slice of each of several parameters); the
+        update runs per run, elements outside every run (padding) stay.  A
         bound optimizer leaves user writes to its owner (ZeroOptimizer
         tracks them and clears the remainders they invalidate)."""
         for name, t in (("grad", grad), ("out", out)):
@@ -105,6 +111,14 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
             self._outputs[id(param)] = out
         if index_base is not None:
             self._bases[id(param)] = index_base
+        if index_segments is not None:
+            ends = [(o, o + n) for o, n, _ in index_segments]
+            if any(o < 0 or n < 0 or e > param.numel() for (o, e), (_, n, _) in
+                   zip(ends, index_segments)) or any(a[1] > b[0] for a, b in zip(ends, ends[1:])):
+                raise ValueError(f"index_segments {index_segments} are not ordered, disjoint "
+                                 f"runs of a parameter of {param.numel()} elements")
+            self._segments[id(param)] = list(index_segments)
+            self._bases[id(param)] = index_segments[0][2] if index_segments else 0
         self._writes_tracked_outside = True
 
     def _outs(self, params: list[Tensor]) -> Optional[list[Optional[Tensor]]]:

@@ -45,6 +45,7 @@ class CompressedState(_Host):
     these attributes up in ``__init__`` and ``__setstate__``)."""
 
     _bases: dict[int, int]  # id(param) -> bound index base (a shard's)
+    _segments: dict[int, list[tuple[int, int, int]]]  # id(param) -> (offset, length, base) runs
     _base_cache: tuple[Any, dict[int, int]]
     _versions: dict[int, int]  # id(param) -> version counter after our last write
     # id(p) -> the bf16 weights a loaded remainder was saved with, until
@@ -75,6 +76,33 @@ class CompressedState(_Host):
             self._base_cache = (key, {i: n + _local_offset(by_id[i]) for i, n in first.items()})
         bases = self._base_cache[1]
         return [bases[id(p)] if id(p) in bases else _local_offset(p) for p in params]
+
+    def _cut_at_numbering(self, params: list[Tensor], *aligned: Optional[list[Tensor]]):
+        """``params`` and the tensors ``aligned`` with them (gradients, state)
+        cut into views whose elements are numbered contiguously, with each
+        view's index base: a parameter bound with ``index_segments`` (a
+        ZeRO-3 partition) becomes one view per run.  Returns ``(params,
+        aligned..., bases)``; unchanged lists where nothing is segmented."""
+        if not any(id(p) in self._segments for p in params):
+            return (params, *aligned, self._index_bases(params))
+        if getattr(self, "_outputs", None):
+            raise NotImplementedError("index_segments together with bound outputs")
+        out_p: list[Tensor] = []
+        out_a: list[Optional[list[Tensor]]] = [None if a is None else [] for a in aligned]
+        bases: list[int] = []
+        for i, p in enumerate(params):
+            runs = self._segments.get(id(p))
+            if runs is None:
+                runs = [(0, p.numel(), self._index_bases([p])[0])]
+            for offset, length, base in runs:
+                if length == 0:
+                    continue
+                out_p.append(p.view(-1).narrow(0, offset, length))
+                for a, o in zip(aligned, out_a):
+                    if a is not None and o is not None:
+                        o.append(a[i].view(-1).narrow(0, offset, length))
+                bases.append(base)
+        return (out_p, *out_a, bases)
 
     def _remainders(self, params: list[Tensor], group: dict[str, Any]) -> Optional[list[Tensor]]:
         """The int16 remainders of ``params`` (``master_weights="remainder"``),

@@ -142,11 +142,15 @@ class RMSProp(ElementwiseOptimizer):
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
                 rems, sr = self._remainders(ps, group), Storage.of(group).sr(step)
+                gs, avgs = [grads[id(p)] for p in ps], [s["square_avg"] for s in states]
+                bufs = [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None
+                gavgs = [s["grad_avg"] for s in states] if group["centered"] else None
+                bases = None
+                if sr:  # a ZeRO-3 partition is stepped per contiguously numbered run
+                    ps, gs, avgs, bufs, gavgs, bases = self._cut_at_numbering(
+                        ps, gs, avgs, bufs, gavgs)
                 dispatch.rmsprop(
-                    ps, [grads[id(p)] for p in ps], [s["square_avg"] for s in states],
-                    momentum_buffers=([s["momentum_buffer"] for s in states]
-                                      if group["momentum"] > 0 else None),
-                    grad_avgs=[s["grad_avg"] for s in states] if group["centered"] else None,
+                    ps, gs, avgs, momentum_buffers=bufs, grad_avgs=gavgs,
                     lr=host_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"],
                     centered=group["centered"],
@@ -154,7 +158,7 @@ class RMSProp(ElementwiseOptimizer):
                                       if group["bias_correction"] else 1.0),
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
                     grad_scale=grad_scale, param_outs=self._outs(ps),
-                    remainders=rems, sr=sr, index_bases=self._index_bases(ps) if sr else None,
+                    remainders=rems, sr=sr, index_bases=bases,
                     backend=group["backend"])
                 self._mark_written(ps, rems)
         return loss

@@ -231,14 +231,16 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
             if params:
                 states = [self.state[p] for p in params]
                 rems, sr = self._remainders(params, group), Storage.of(group).sr(group["k"])
-                dispatch.sf_adamw(params, [g for _, g in pairs], [s["z"] for s in states],
-                                  [s["exp_avg_sq"] for s in states], lr=sc.lr, ck=sc.ck,
+                grads, zs = [g for _, g in pairs], [s["z"] for s in states]
+                vs, bases = [s["exp_avg_sq"] for s in states], None
+                if sr:  # a ZeRO-3 partition is stepped per contiguously numbered run
+                    params, grads, zs, vs, bases = self._cut_at_numbering(params, grads, zs, vs)
+                dispatch.sf_adamw(params, grads, zs, vs, lr=sc.lr, ck=sc.ck,
                                   y_coef=sc.y_coef, beta2=beta2,
                                   bias_correction2=sc.bias_correction2, eps=group["eps"],
                                   weight_decay=group["weight_decay"], grad_scale=grad_scale,
                                   y_outs=self._outs(params),
-                                  remainders=rems, sr=sr,
-                                  index_bases=self._index_bases(params) if sr else None,
+                                  remainders=rems, sr=sr, index_bases=bases,
                                   backend=group["backend"])
                 self._mark_written(params, rems)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,

@@ -103,6 +103,7 @@ class StateDicts(_Host):
         self.__dict__.setdefault("_switch_hooks", [])
         self.__dict__.setdefault("_switch_bindings", [])
         self.__dict__.setdefault("_bases", {})
+        self.__dict__.setdefault("_segments", {})
         self.__dict__.setdefault("_base_cache", (None, {}))
         self.__dict__.setdefault("_versions", {})
         self.__dict__.setdefault("_loaded_bases", {})
