@@ -77,3 +77,12 @@ def test_old_module_names_are_the_new_modules():
     assert zero_sf.functional is zero_sf.dispatch
     assert zero_sf.kernels.launch is zero_sf.kernels.host
     assert ZeroSFOptimizer is ElementwiseOptimizer
+
+
+def test_public_functions_are_not_shadowed_by_their_modules():
+    # zero_sf.export is the function, also after something imported the
+    # module zero_sf.export (ZeRO-3's glue does, at import zero_sf)
+    code = ("import zero_sf, zero_sf.integrations.deepspeed_zero3, zero_sf.modes; "
+            "print(callable(zero_sf.export), callable(zero_sf.eval_mode))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True True"

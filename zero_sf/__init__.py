@@ -2,6 +2,10 @@
 
 from . import dispatch, functional, spec
 
+# Bound here, not lazily: once anything imports the module zero_sf.export
+# (ZeRO-3's glue does, below) a lazy lookup would find the module.
+from .export import export
+
 # The integrations plug into the core here (the core never imports them):
 # FSDP2's reshard after a train()/eval() switch, and eval_mode()'s view of a
 # DeepSpeed engine.  Neither imports its engine until it is used.
@@ -21,7 +25,7 @@ __all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAda
 # process that only trains (every torchrun rank, every spawned test rank)
 # does not pay for it.
 _LAZY = {"save": "checkpoint", "load": "checkpoint", "CheckpointError": "checkpoint",
-         "eval_mode": "modes", "export": "export"}
+         "eval_mode": "modes"}
 
 
 def __getattr__(name):

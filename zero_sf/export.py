@@ -28,13 +28,31 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
+# ``fn(module)`` -> a context manager inside which ``module.state_dict()``
+# holds whole parameters, or None when ``fn`` does not apply.
+# zero_sf.integrations.deepspeed_zero3 registers ZeRO-3's gather (its
+# partitioned parameters are empty tensors outside a forward).
+GATHER_FOR_STATE_DICT: list = []
+
+
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full state dict on the CPU: DTensor (FSDP2) entries are
-    all-gathered (collective: every rank calls this)."""
+    all-gathered, DeepSpeed ZeRO-3's partitioned parameters gathered
+    (collective: every rank calls this)."""
     from .dispatch import is_dtensor
 
+    module = _unwrap(model)
+    with contextlib.ExitStack() as gathered:
+        for gather in GATHER_FOR_STATE_DICT:
+            context = gather(module)
+            if context is not None:
+                gathered.enter_context(context)
+        return _to_cpu(module.state_dict(), is_dtensor)
+
+
+def _to_cpu(state: dict[str, Any], is_dtensor) -> dict[str, torch.Tensor]:
     out = {}
-    for name, value in _unwrap(model).state_dict().items():
+    for name, value in state.items():
         if not torch.is_tensor(value):
             continue
         if is_dtensor(value):

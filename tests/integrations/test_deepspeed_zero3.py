@@ -151,7 +151,7 @@ def train(engine, rank, steps, ref, grads):
         ref.step(full(engine, grads[-1]))
 
 
-def _equivalence(rank, world_size):
+def _equivalence(rank, world_size, root):
     import zero_sf.deepspeed as zsd
     _ds_setup(rank, world_size)
     offload = {"offload_optimizer": {"device": "cpu", "pin_memory": True},
@@ -191,11 +191,24 @@ def _equivalence(rank, world_size):
         train(engine, rank, range(4, 6), ref, grads)
         assert [g["k"] for g in basic.param_groups] == [6, 6]
         assert_model(engine, ref, bf16)
+        # zero_sf.export writes x, gathered from the partitions; training goes on at y
+        import os
+
+        from safetensors.torch import load_file
+        file = zero_sf.export(os.path.join(root, f"{route}{bf16}"), engine, engine)
+        ref.opt.eval()
+        shipped = load_file(file)
+        for name, p in ref.model.named_parameters():
+            want = p.detach().bfloat16() if bf16 else p.detach()
+            assert torch.equal(shipped[name], want), name
+        ref.opt.train()
+        assert basic.in_train_mode()
+        assert_model(engine, ref, bf16)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_zero3_matches_single_process_in_train_and_eval_mode(world_size):
-    spawn(_equivalence, world_size)
+def test_zero3_matches_single_process_in_train_and_eval_mode(tmp_path, world_size):
+    spawn(_equivalence, world_size, str(tmp_path))
 
 
 def _unresolved_switch(rank, world_size):

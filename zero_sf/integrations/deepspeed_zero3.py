@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from ..export import GATHER_FOR_STATE_DICT
 from ..layout import element_numbering
 from ..optim._base import ElementwiseOptimizer
 from ..optim.split_step import SPLIT_STEP_PARTS
@@ -46,6 +47,23 @@ def is_partition(t: Tensor) -> bool:
 
 if is_partition not in SPLIT_STEP_PARTS:
     SPLIT_STEP_PARTS.append(is_partition)
+
+
+def gathered(module: torch.nn.Module):
+    """For :func:`zero_sf.export`: a module with ZeRO-3 partitioned
+    parameters (empty tensors outside a forward) gathered whole on every
+    rank for the state dict (transient: the whole model per rank); None for
+    other modules."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_status")]
+    if not params:
+        return None
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+if gathered not in GATHER_FOR_STATE_DICT:
+    GATHER_FOR_STATE_DICT.append(gathered)
 
 # What the adapter uses of DeepSpeedZeroOptimizer_Stage3 (checked at attach,
 # so another DeepSpeed version fails clearly instead of half-switching).
