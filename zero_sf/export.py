@@ -39,18 +39,18 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full state dict on the CPU: DTensor (FSDP2) entries are
     all-gathered, DeepSpeed ZeRO-3's partitioned parameters gathered
     (collective: every rank calls this)."""
-    from .dispatch import is_dtensor
-
     module = _unwrap(model)
     with contextlib.ExitStack() as gathered:
         for gather in GATHER_FOR_STATE_DICT:
             context = gather(module)
             if context is not None:
                 gathered.enter_context(context)
-        return _to_cpu(module.state_dict(), is_dtensor)
+        return _to_cpu(module.state_dict())
 
 
-def _to_cpu(state: dict[str, Any], is_dtensor) -> dict[str, torch.Tensor]:
+def _to_cpu(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from .dispatch import is_dtensor
+
     out = {}
     for name, value in state.items():
         if not torch.is_tensor(value):
