@@ -253,7 +253,7 @@ class RecordYDeepSpeed(TrainerCallback):
 
 def _trainer_deepspeed(rank, world_size, out):
     """The Trainer's own DeepSpeed route (Accelerate's deepspeed_init, the
-    config naming our optimizer) at ZeRO-1 and 2: the checkpoint holds x
+    config naming our optimizer) at ZeRO-1, 2 and 3: the checkpoint holds x
     (accelerate #4159: ZeRO-1 saved y), and resume_from_checkpoint continues
     bit for bit."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -263,11 +263,17 @@ def _trainer_deepspeed(rank, world_size, out):
     import zero_sf.deepspeed as zsd
     zsd.register()
     hf_logging.set_verbosity_error()
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         cfg = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
                "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0,
                "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True,
                "optimizer": {"type": "ScheduleFreeAdamW", "params": dict(SF_KW)}}
+        if stage == 3:
+            # several sub-groups, some parameters partitioned (the rest stay
+            # gathered), and the Trainer's model.safetensors gathered at save
+            cfg["zero_optimization"].update(
+                sub_group_size=3000, stage3_param_persistence_threshold=100,
+                stage3_gather_16bit_weights_on_model_save=True)
         ds_args = dict(deepspeed=cfg, learning_rate=SF_KW["lr"], adam_epsilon=SF_KW["eps"],
                        weight_decay=SF_KW["weight_decay"])
         record = RecordYDeepSpeed()
@@ -281,8 +287,22 @@ def _trainer_deepspeed(rank, world_size, out):
         resumed = trainer_for(tiny_gpt2(seed=5), os.path.join(root, "b"), eval_steps=100,
                               max_steps=5, **ds_args)
         resumed.train(resume_from_checkpoint=os.path.join(root, "a", "checkpoint-3"))
-        for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        for (n, p), q in zip(_weights(straight).items(), _weights(resumed).values()):
             assert torch.equal(p, q), n
+        if stage == 3:
+            basic = zero_sf.modes.resolve(resumed.optimizer).optimizer
+            assert [g["k"] for g in basic.param_groups] == [5] * len(basic.param_groups)
+            assert not basic.in_train_mode()  # after train(): x, for save_model / evaluate
+
+
+def _weights(trainer):
+    """The model's weights, gathered when ZeRO-3 partitions them."""
+    import deepspeed
+    params = list(trainer.model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        out = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert all(v.numel() > 0 for v in out.values())
+    return out
 
 
 def test_trainer_deepspeed_route_saves_x_and_resumes_exactly(tmp_path):

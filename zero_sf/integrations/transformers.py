@@ -17,8 +17,10 @@ the model (accelerate #4159).  :class:`ScheduleFreeCallback` fixes both::
     trainer.save_model(out)     # after train(): x as well
 
 What it guarantees, with ``zero_sf.ScheduleFreeAdamW`` / ``RMSProp`` in a
-single process, under the Trainer's DDP, or through its DeepSpeed ZeRO-1/2
-route (``zero_sf.deepspeed`` config names or a client optimizer):
+single process, under the Trainer's DDP, or through its DeepSpeed ZeRO-1/2/3
+route (``zero_sf.deepspeed`` config names or a client optimizer; at ZeRO-3
+with ``stage3_gather_16bit_weights_on_model_save: true``, without which the
+Trainer writes no model weights at all):
 
 * every checkpoint's model weights are ``x``; training continues from ``y``
   (the Trainer's next ``training_step`` switches back);
