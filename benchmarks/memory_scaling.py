@@ -34,7 +34,8 @@ SYSTEMS = ["zero_sf_s1_fp32", "zero_sf_s2_fp32", "zero_sf_s1_bf16", "zero_sf_s2_
            "single_zero_sf_bf16", "single_zero_sf_bf16_compressed",
            "fsdp2_zero_sf_fp32", "fsdp2_zero_sf_mixed_bf16",
            "ddp_schedulefree_fp32", "zero_redundancy_adamw_fp32",
-           "deepspeed_z1_schedulefree_fp32", "deepspeed_z2_schedulefree_fp32"]
+           "deepspeed_z1_schedulefree_fp32", "deepspeed_z2_schedulefree_fp32",
+           "deepspeed_z1_zero_sf_bf16", "deepspeed_z2_zero_sf_bf16", "deepspeed_z3_zero_sf_bf16"]
 
 
 def _local(t):
@@ -143,19 +144,26 @@ def _worker(rank, world, system, n_params, out_dir):
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(model)
         opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3)
-    else:  # DeepSpeed ZeRO-1/2 with schedulefree as client optimizer
+    else:  # DeepSpeed ZeRO-1/2 with schedulefree as client optimizer, or ZeRO-1/2/3 with ours
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
         import deepspeed
-        import schedulefree
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
         stage = int(system[11])
         cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
                "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-        client = schedulefree.AdamWScheduleFree(params)
-        client.train()
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg,
-                                          optimizer=client)
+        if "zero_sf" in system:  # the config entry, a bf16 model: what users run
+            import zero_sf.deepspeed as zsd
+            cfg.update(bf16={"enabled": True}, gradient_clipping=0.0,
+                       optimizer={"type": "ScheduleFreeAdamW", "params": {"lr": 1e-3}})
+            engine, *_ = zsd.initialize(model=model, model_parameters=params, config=cfg)
+            zsd.train(engine)
+        else:
+            import schedulefree
+            client = schedulefree.AdamWScheduleFree(params)
+            client.train()
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg,
+                                              optimizer=client)
     gen = torch.Generator().manual_seed(rank)
     for _ in range(2):
         x, y = (t.to(device) for t in batch(data, 2, 64, gen))
@@ -175,9 +183,13 @@ def _worker(rank, world, system, n_params, out_dir):
     elif engine is not None:
         zopt = engine.optimizer
         state = _state_bytes(zopt.optimizer)
-        master = nbytes(zopt.single_partition_of_fp32_groups)
         grads = None  # DeepSpeed frees its gradient partitions inside step(): see peak
-        pbytes = nbytes(params)
+        if stage == 3:  # the fp32 and the model's partitions (p.data is empty between steps)
+            master = nbytes(zopt.fp32_partitioned_groups_flat)
+            pbytes = nbytes(p.ds_tensor for p in params)
+        else:
+            master = nbytes(zopt.single_partition_of_fp32_groups)
+            pbytes = nbytes(params)
     else:
         state = _state_bytes(opt.optim if hasattr(opt, "optim") else opt)
         master = 0

@@ -31,6 +31,8 @@ def _run(world_size, argv, tmp_path, name):
         return json.load(f)
 
 
+# The job `make demo` runs (2 ranks train and save, 1 rank resumes); ~50 s.
+@pytest.mark.slow
 def test_train_loss_falls_and_resumes_at_another_world_size(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     small = ["--dim", "64", "--layers", "2", "--seq", "64", "--eval-every", "30"]

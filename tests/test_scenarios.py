@@ -20,9 +20,11 @@ from tests.scenarios.pool import report, run_pool
 
 # Seeds per pool in the default run, and the chunks they are split into (one
 # spawned process group per chunk; xdist spreads the chunks over its workers).
-BUDGET = {"torch": int(os.environ.get("SCENARIOS", "200")),
-          "deepspeed": int(os.environ.get("SCENARIOS", "100"))}
-CHUNKS = {"torch": 4, "deepspeed": 2}
+# (Halved in issue #22 to keep the suite near 10 minutes: seeds 100-199 and
+# 50-99 ran green then; `make fuzz` covers random seeds, `SCENARIOS=N` more.)
+BUDGET = {"torch": int(os.environ.get("SCENARIOS", "100")),
+          "deepspeed": int(os.environ.get("SCENARIOS", "50"))}
+CHUNKS = {"torch": 2, "deepspeed": 1}
 
 
 def _chunks():

@@ -183,6 +183,23 @@ MUTANTS = [
     ("deepspeed: load_checkpoint resets the loss scaler", "zero_sf/integrations/deepspeed.py",
      "zopt._load_global_state(sds[0])", "pass",
      ["tests/test_deepspeed.py"]),
+    # -- DeepSpeed ZeRO-3 (issue #23)
+    ("split step: a continuing call does not rewind the scalars", "zero_sf/optim/split_step.py",
+     "            for g, s in zip(groups, self.start):\n                g.update(s)\n",
+     "            pass\n",
+     ["tests/optim/test_split_step.py"]),
+    ("zero3: a switch leaves the persistent parameters at the old weights",
+     "zero_sf/integrations/deepspeed_zero3.py",
+     "z.persistent_parameters[0].all_gather(z.persistent_parameters)", "pass",
+     ["tests/integrations/test_deepspeed_zero3.py::test_zero3_matches_single_process_in_train_and_eval_mode"]),
+    ("zero3: every partition's slices numbered from the parameter's start",
+     "zero_sf/integrations/deepspeed_zero3.py",
+     "first[id(p)] + start))", "first[id(p)]))",
+     ["tests/integrations/test_deepspeed_zero3.py::test_bf16_state_matches_single_process_bit_for_bit"]),
+    ("zero3: load_checkpoint cuts every rank's slice from the start",
+     "zero_sf/integrations/deepspeed_zero3.py",
+     "piece = whole[j][rank * size:(rank + 1) * size]", "piece = whole[j][:size]",
+     ["tests/integrations/test_deepspeed_zero3.py::test_checkpoint_save_at_2_load_at"]),
 ]
 
 

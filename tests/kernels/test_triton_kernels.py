@@ -48,7 +48,9 @@ def _grad(s, gen, dtype):
 FLAT_COMBOS = [(n, g, o) for n in SIZES[:-2] for g in [torch.float32] + LOW for o in [None] + LOW]
 FLAT_COMBOS += [(SIZES[-2], g, o) for g, o in [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
                                                (torch.float16, torch.float16), (torch.bfloat16, None)]]
-FLAT_COMBOS += [(SIZES[-1], torch.float32, None), (SIZES[-1], torch.bfloat16, torch.bfloat16)]
+# 200,003 (a grid of 196 programs): ~80 s in the interpreter, in `make test-all`
+FLAT_COMBOS += [pytest.param(SIZES[-1], torch.float32, None, marks=pytest.mark.slow),
+                pytest.param(SIZES[-1], torch.bfloat16, torch.bfloat16, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("n,grad_dtype,out_dtype", FLAT_COMBOS)

@@ -274,7 +274,7 @@ def test_index_segments_number_a_flat_like_the_parameters_it_holds(cls):
     for o in (ref, opt):
         if hasattr(o, "train"):
             o.train()
-    for step in range(3):
+    for _ in range(3):
         ga, gb = torch.randn(7, generator=g), torch.randn(5, generator=g)
         ref.param_groups[0]["params"][0].grad, ref.param_groups[0]["params"][1].grad = ga, gb
         flat.grad = torch.cat([ga, torch.tensor([1.0]), gb])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -190,66 +190,76 @@ class Stage3:
         import torch.distributed as dist
 
         order = self.param_order()
-        mine = [p.ds_shape for p in order]
-        if [tuple(s) for s in shapes] != [tuple(s) for s in mine]:
-            raise ValueError(f"checkpoint holds parameters of shapes {[tuple(s) for s in shapes]}, "
-                             f"the engine {[tuple(s) for s in mine]} (in partition order); is it "
-                             "a checkpoint of another model or param grouping?")
-        saved_n = len(saved)
-        counts = [math.prod(s) for s in shapes]
+        counts = _check_saved(saved, shapes, [p.ds_shape for p in order])
         n_sub = len(saved[0]["fp32_flat_groups"])
         states = [sd["optimizer_state_dict"]["state"] for sd in saved]
-        for sd, state in zip(saved, states):
-            flats = sd["fp32_flat_groups"]
-            if sum(f.numel() for f in flats) != sum(-(-n // saved_n) for n in counts):
-                raise ValueError("checkpoint partitions do not match its parameters at world "
-                                 f"size {saved_n}; is the checkpoint complete?")
-            for s in range(n_sub):  # state index s is sub-group s (DeepSpeed binds them in order)
-                for key, v in state.get(s, {}).items():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.numel() != flats[s].numel():
-                        raise ValueError(f"checkpoint state {key!r} of sub-group {s} holds "
-                                         f"{v.numel()} elements, its partition {flats[s].numel()}")
         keys = sorted({k for st in states for s in st.values() for k, v in s.items()
                        if torch.is_tensor(v) and v.dim() > 0})
-
-        def whole(per_rank: list[Tensor]) -> list[Tensor]:
-            # parameter j: ceil(n_j / N) elements of each rank's concatenation
-            out, offset = [], 0
-            for n in counts:
-                size = -(-n // saved_n)
-                out.append(torch.cat([t[offset:offset + size] for t in per_rank])[:n])
-                offset += size
-            return out
-
-        def per_rank(key: Optional[str]) -> list[Tensor]:
-            if key is None:
-                return [torch.cat([f.reshape(-1).float() for f in sd["fp32_flat_groups"]])
-                        for sd in saved]
-            return [torch.cat([st[s][key].reshape(-1) for s in range(n_sub)]) for st in states]
-
-        full = {key: whole(per_rank(key)) for key in [None, *keys]}
+        # per key (None: the fp32 weights), every parameter's whole tensor
+        full = {None: _whole([torch.cat([f.reshape(-1).float() for f in sd["fp32_flat_groups"]])
+                              for sd in saved], counts)}
+        for key in keys:
+            full[key] = _whole([torch.cat([st[s][key].reshape(-1) for s in range(n_sub)])
+                                for st in states], counts)
         rank = dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
-        by_param = {id(p): j for j, p in enumerate(order)}
+        index = {id(p): j for j, p in enumerate(order)}
         scalars = next((dict(s) for s in states[0].values()), {})
         for i, part in enumerate(self.partitions):
             group = self.basic.param_groups[self.group_of(i)]
-
-            def cut(tensors: list[Tensor], i: int = i, part: Tensor = part) -> Tensor:
-                out = torch.zeros(part.numel(), dtype=tensors[0].dtype)
-                offset = 0
-                for p in self.params_of(i):
-                    size = p.partition_numel()
-                    piece = tensors[by_param[id(p)]][rank * size:(rank + 1) * size]
-                    out[offset:offset + piece.numel()] = piece
-                    offset += size
-                return out
-
-            part.copy_(cut(full[None]))
+            slots = [(index[id(p)], p.partition_numel()) for p in self.params_of(i)]
+            part.copy_(_cut(full[None], slots, rank, part.numel()))
             state = self.basic.state[part]
             state.clear()  # the checkpoint's state, not a merge with this run's
             for key, value in scalars.items():
                 if not (torch.is_tensor(value) and value.dim() > 0):
                     state[key] = value  # e.g. RMSProp's step count, equal in every sub-group
             for key in keys:
-                state[key] = cut(full[key]).to(part.device, state_dtype_for(part, group))
+                state[key] = _cut(full[key], slots, rank, part.numel()).to(
+                    part.device, state_dtype_for(part, group))
             self.basic.import_param_state(state)
+
+
+def _check_saved(saved: list[dict[str, Any]], shapes: list[torch.Size],
+                 mine: list[torch.Size]) -> list[int]:
+    """Raise unless the saved ranks' partitions hold these parameters;
+    returns their element counts."""
+    if [tuple(s) for s in shapes] != [tuple(s) for s in mine]:
+        raise ValueError(f"checkpoint holds parameters of shapes {[tuple(s) for s in shapes]}, "
+                         f"the engine {[tuple(s) for s in mine]} (in partition order); is it "
+                         "a checkpoint of another model or param grouping?")
+    counts = [math.prod(s) for s in shapes]
+    n = len(saved)
+    for sd in saved:
+        flats, state = sd["fp32_flat_groups"], sd["optimizer_state_dict"]["state"]
+        if sum(f.numel() for f in flats) != sum(-(-c // n) for c in counts):
+            raise ValueError("checkpoint partitions do not match its parameters at world "
+                             f"size {n}; is the checkpoint complete?")
+        for s, flat in enumerate(flats):  # state index s is sub-group s (DeepSpeed binds in order)
+            for key, v in state.get(s, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.numel() != flat.numel():
+                    raise ValueError(f"checkpoint state {key!r} of sub-group {s} holds "
+                                     f"{v.numel()} elements, its partition {flat.numel()}")
+    return counts
+
+
+def _whole(per_rank: list[Tensor], counts: list[int]) -> list[Tensor]:
+    """Every parameter's whole flat tensor from the saved ranks'
+    concatenated partitions: parameter j holds ceil(n_j / N) elements of each."""
+    out, offset, n = [], 0, len(per_rank)
+    for count in counts:
+        size = -(-count // n)
+        out.append(torch.cat([t[offset:offset + size] for t in per_rank])[:count])
+        offset += size
+    return out
+
+
+def _cut(whole: list[Tensor], slots: list[tuple[int, int]], rank: int, numel: int) -> Tensor:
+    """This rank's partition of ``numel`` elements: for each (parameter
+    index, partition size) its slice from element ``rank * size``, zero-padded."""
+    out = torch.zeros(numel, dtype=whole[0].dtype)
+    offset = 0
+    for j, size in slots:
+        piece = whole[j][rank * size:(rank + 1) * size]
+        out[offset:offset + piece.numel()] = piece
+        offset += size
+    return out
