@@ -57,12 +57,13 @@ class Reference:
     engine's start from the bf16-cast model), fed the averaged gradients
     the engine's optimizer received (recorded by :func:`record_grads`)."""
 
-    def __init__(self, bf16):
+    def __init__(self, bf16, cls=zero_sf.ScheduleFreeAdamW, kw=SF_KW):
         self.model = MLP()
         if bf16:
             self.model.bfloat16().float()
-        self.opt = zero_sf.ScheduleFreeAdamW(groups(self.model), **SF_KW)
-        self.opt.train()
+        self.opt = cls(groups(self.model), **kw)
+        if hasattr(self.opt, "train"):
+            self.opt.train()
 
     def step(self, grads):
         for p, g in zip(self.model.parameters(), grads):
@@ -209,6 +210,25 @@ def _equivalence(rank, world_size, root):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_zero3_matches_single_process_in_train_and_eval_mode(tmp_path, world_size):
     spawn(_equivalence, world_size, str(tmp_path))
+
+
+def _rmsprop(rank, world_size):
+    """zero_sf.RMSProp (bias-corrected: Adam with beta1=0) from the config at
+    ZeRO-3: its per-partition step counts advance once per engine step."""
+    _ds_setup(rank, world_size)
+    kw = dict(lr=1e-2, alpha=0.99, bias_correction=True, weight_decay=0.05)
+    cfg = config(True, sub_group_size=12)
+    cfg["optimizer"] = {"type": "ZeroSFRMSProp", "params": kw}
+    engine = engine_from(cfg, "config")
+    ref, grads = Reference(True, zero_sf.RMSProp, kw), record_grads(engine)
+    train(engine, rank, range(4), ref, grads)
+    basic = engine.optimizer.optimizer
+    assert {int(basic.state[f]["step"]) for f in engine.optimizer.fp32_partitioned_groups_flat} == {4}
+    assert_model(engine, ref, True)
+
+
+def test_rmsprop_under_zero3_matches_single_process():
+    spawn(_rmsprop, 2)
 
 
 def _unresolved_switch(rank, world_size):
