@@ -30,8 +30,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check --select F,B tests tools benchmarks launch
 	$(PY) -m mypy
 
-# The default run plus the tests marked slow (more world sizes of the same
-# checks: sharded triton at 2 ranks, ZeRO at 4, checkpoints 4->2 and 2->1).
+# The default run plus the tests marked slow (more world sizes or sizes of
+# the same checks: sharded triton at 2 ranks, ZeRO at 4, checkpoints 4->2 and
+# 2->1, ZeRO-3 2->2 and 2->1, the 200,003-element kernels, the demo's job).
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m ""
 

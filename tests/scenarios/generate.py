@@ -48,6 +48,8 @@ class Scenario:
     data: str                        # "same" on every rank (exact sums) or "distinct"
     backend: str = "torch"
     stage: int = 2
+    sub_group_size: int = 10**9      # DeepSpeed ZeRO-3
+    persistence: int = 10**5         # ZeRO-3's stage3_param_persistence_threshold
     bucket_numel: int = 1 << 24
     align: int = 128
     offload: bool = False
@@ -68,7 +70,15 @@ class Scenario:
     def exact(self) -> bool:
         """Whether the comparison is bit for bit: it is unless a clipping
         coefficient comes from a norm the engine sums in its own order
-        (FSDP2's torch.nn.utils.clip_grad_norm_ over DTensors, DeepSpeed)."""
+        (FSDP2's torch.nn.utils.clip_grad_norm_ over DTensors, DeepSpeed), or
+        DeepSpeed ZeRO-3 computes the gradients: its forward and backward run
+        on gathered copies of the parameters, and a few gradient elements
+        differ from the single process's in the last bit (seen on seeds 15
+        and 49 with the same data on both ranks too; stage 2 is exact there,
+        and tests/integrations/test_deepspeed_zero3.py feeds the reference
+        ZeRO-3's own gradients to compare the optimizer to 1e-6)."""
+        if self.engine == "deepspeed" and self.stage == 3:
+            return False
         return not (self.max_norm is not None and self.engine in ("fsdp2", "deepspeed"))
 
     def describe(self) -> str:
@@ -149,7 +159,10 @@ def generate(seed: int, pool: str = "torch") -> Scenario:
         if rng.random() < (0.35 if fits else 0.04):
             sc["master_weights"] = "remainder"
     if engine == "deepspeed":
-        sc["stage"] = rng.choice([1, 2])
+        sc["stage"] = rng.choice([1, 2, 3])
+        if sc["stage"] == 3:  # several sub-groups; parameters partitioned or kept gathered
+            sc["sub_group_size"] = rng.choice([10**9, 500, 64])
+            sc["persistence"] = rng.choice([10**5, 0])
         sc["offload"] = rng.random() < 0.3
         if rng.random() < 0.3:
             sc["max_norm"] = rng.choice([0.05, 1e3])

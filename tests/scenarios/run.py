@@ -451,6 +451,9 @@ class DeepSpeed(Engine):
         if sc.state_dtype:
             params["state_dtype"] = sc.state_dtype
         zero: dict[str, Any] = {"stage": sc.stage}
+        if sc.stage == 3:
+            zero.update(sub_group_size=sc.sub_group_size,
+                        stage3_param_persistence_threshold=sc.persistence)
         if sc.offload:
             zero["offload_optimizer"] = {"device": "cpu"}
         cfg = {"train_micro_batch_size_per_gpu": M.BATCH, "gradient_accumulation_steps": 1,
@@ -468,6 +471,15 @@ class DeepSpeed(Engine):
 
     def _backward(self, loss) -> None:
         self.engine.backward(loss)
+
+    def values(self) -> list[torch.Tensor]:
+        if self.sc.stage != 3:
+            return super().values()
+        import deepspeed  # ZeRO-3: the partitioned parameters gathered (collective)
+
+        params = [p for _, p in self.named]
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
 
     def backward(self, step, passes, zero_between, inf=False):
         rank = self.ctx.rank if self.sc.data == "distinct" else -1
@@ -551,7 +563,8 @@ def _compare_state(fail: Failures, engine: Engine, ref: Reference, sc: Scenario)
             fail.check(f"end: {key} of {name}[{start}:{start + length}]", t.reshape(-1),
                        want[key][start:start + length], sc.exact(), sc.dtype)
     if sc.rule == "sf":
-        groups = engine.engine.optimizer.param_groups if isinstance(engine, DeepSpeed) else engine.opt.param_groups
+        groups = (engine.zsd._basic_optimizer(engine.engine).param_groups
+                  if isinstance(engine, DeepSpeed) else engine.opt.param_groups)
         ks = {g["k"] for g in groups}
         if ks != {g["k"] for g in ref.opt.param_groups}:
             fail.append(f"end: k {ks} vs the reference's {ref.opt.param_groups[0]['k']}")

@@ -169,6 +169,9 @@ class Stage3:
         for i in range(len(z.fp16_groups)):
             z._reassign_or_swap_out_partitioned_parameters(i)
         if len(z.persistent_parameters) > 0:
+            # (the release above already makes the next forward gather them;
+            # gathered now, as DeepSpeed's step leaves them, they are whole
+            # outside a forward too, which DeepSpeed's own code expects)
             z.persistent_parameters[0].all_gather(z.persistent_parameters)
         if callable(getattr(z, "invalidate_secondary_tensor", None)):
             z.invalidate_secondary_tensor()
