@@ -51,9 +51,15 @@ TOLERANCE = {"fp32": 2e-4, "bf16": 2 ** -5, "bf16+fp32norms": 2 ** -5}
 
 
 def _rule(sc: Scenario):
+    # Where the comparison is not bit for bit (Scenario.exact: a clipping
+    # norm summed in the engine's order, ZeRO-3's gradients) and the exact
+    # gradient is 0 (BERT's and GPT-2's attention key bias: softmax ignores
+    # it), eps=1e-8 would turn last-bit noise into full +-lr steps that
+    # differ between the two (deepspeed seeds 5113 at stage 3, 7182 at 1)
+    eps = {} if sc.exact() else {"eps": 1e-4}
     if sc.rule == "sf":
-        return zero_sf.ScheduleFreeAdamW, dict(betas=(0.9, 0.99), warmup_steps=2)
-    return zero_sf.RMSProp, dict(alpha=0.99, bias_correction=True)
+        return zero_sf.ScheduleFreeAdamW, dict(betas=(0.9, 0.99), warmup_steps=2, **eps)
+    return zero_sf.RMSProp, dict(alpha=0.99, bias_correction=True, **eps)
 
 
 def _storage(sc: Scenario) -> dict:

@@ -215,7 +215,9 @@ class Stage3:
             state.clear()  # the checkpoint's state, not a merge with this run's
             for key, value in scalars.items():
                 if not (torch.is_tensor(value) and value.dim() > 0):
-                    state[key] = value  # e.g. RMSProp's step count, equal in every sub-group
+                    # e.g. RMSProp's step count, equal in every sub-group: a
+                    # copy each (the step adds to it in place)
+                    state[key] = value.clone() if torch.is_tensor(value) else value
             for key in keys:
                 state[key] = _cut(full[key], slots, rank, part.numel()).to(
                     part.device, state_dtype_for(part, group))
