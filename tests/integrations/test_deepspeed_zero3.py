@@ -270,9 +270,21 @@ def _unresolved_switch(rank, world_size):
     assert_model(engine, ref, False)
     basic.train(), ref.opt.train()
     assert_model(engine, ref, False)
+    # A model built partitioned (deepspeed.zero.Init): the same training
+    import deepspeed
+    cfg = config(sub_group_size=12)
+    with deepspeed.zero.Init(config_dict_or_path=zsd.check_config(cfg)):
+        model = MLP()
+    engine = engine_from(cfg, "config", model)
+    zsd.train(engine)
+    ref, grads = Reference(False), record_grads(engine)
+    train(engine, rank, range(3), ref, grads)
+    assert_model(engine, ref, False)
+    zsd.eval(engine), ref.opt.eval()
+    assert_model(engine, ref, False)
 
 
-def test_switching_an_unresolved_zero3_optimizer_refuses_clearly():
+def test_switching_an_unresolved_zero3_optimizer_refuses_clearly_and_zero_init_trains():
     spawn(_unresolved_switch, 2)
 
 
