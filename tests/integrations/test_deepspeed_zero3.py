@@ -302,7 +302,9 @@ def test_what_zero3_cannot_do_exactly_is_refused_before_anything_is_built(zero, 
     assert zsd.check_config(config())["zero_allow_untested_optimizer"] is True
 
 
-CKPT_CASES = [(False, 12, 0, False), (True, 25, 10**5, True)]  # (bf16, sub_group_size, persistence, save in eval mode)
+# (bf16, sub_group_size, persistence, save in eval mode, extra zero_optimization)
+CKPT_CASES = [(False, 12, 0, False, {}),
+              (True, 25, 10**5, True, {"offload_optimizer": {"device": "cpu"}})]
 
 
 def assert_state(engine, ref):
@@ -318,8 +320,8 @@ def _save(rank, world_size, root):
 
     import zero_sf.deepspeed as zsd
     _ds_setup(rank, world_size)
-    for c, (bf16, sub_group_size, persistence, in_eval) in enumerate(CKPT_CASES):
-        engine = engine_from(config(bf16, sub_group_size, persistence), "config")
+    for c, (bf16, sub_group_size, persistence, in_eval, extra) in enumerate(CKPT_CASES):
+        engine = engine_from(config(bf16, sub_group_size, persistence, **extra), "config")
         zsd.train(engine)
         ref, grads = Reference(bf16), record_grads(engine)
         train(engine, rank, range(3), ref, grads)
@@ -336,7 +338,7 @@ def _resume(rank, world_size, root):
 
     import zero_sf.deepspeed as zsd
     _ds_setup(rank, world_size)
-    for c, (bf16, sub_group_size, persistence, in_eval) in enumerate(CKPT_CASES):
+    for c, (bf16, sub_group_size, persistence, in_eval, extra) in enumerate(CKPT_CASES):
         if c == 0:  # another model's checkpoint: refused, nothing changed
             other = engine_from(config(bf16, sub_group_size, persistence), "config", MLP(out=4))
             before = [f.clone() for f in other.optimizer.fp32_partitioned_groups_flat]
@@ -345,7 +347,7 @@ def _resume(rank, world_size, root):
             assert all(torch.equal(a, b) for a, b in
                        zip(before, other.optimizer.fp32_partitioned_groups_flat))
             assert not other.optimizer.optimizer.state
-        engine = engine_from(config(bf16, sub_group_size, persistence), "config")
+        engine = engine_from(config(bf16, sub_group_size, persistence, **extra), "config")
         zsd.load_checkpoint(engine, os.path.join(root, str(c)))
         assert engine.global_steps == 3
         ref = Reference(bf16)
