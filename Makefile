@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup lint test test-all demo bench mutants fuzz compile-all check clean
+.PHONY: setup lint test test-all demo bench mutants fuzz compile-all check dist-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: $(STAMP)
 MINUTES ?= 30
 fuzz: $(STAMP)
 	$(PY) -m tests.scenarios --minutes $(MINUTES) --json fuzz-results.json
+
+# The sdist holds every tracked file, and the wheel installed into a fresh
+# venv takes a fused CPU step (tools/dist_check.sh; ~2 minutes, not in CI).
+dist-check: $(STAMP)
+	$(PY) -m pip install -q build
+	PY=$(PY) TORCH="$(TORCH)" bash tools/dist_check.sh
 
 # Curated mutation testing (tools/mutants.py): each realistic bug must make
 # its tests fail.  ~20 minutes on 2 cores; run before resolving an issue that

@@ -29,3 +29,20 @@ def test_core_dependency_is_a_range():
     deps = _project()["dependencies"]
     assert "torch>=2.4" in deps
     assert not any("==" in d for d in deps), deps
+
+
+def test_extras_users_name_exist_and_all_is_their_union():
+    extras = _project()["optional-dependencies"]
+    for name in ("triton", "deepspeed", "integrations", "all", "test", "lint"):
+        assert name in extras, name
+    users = set(extras["triton"]) | set(extras["deepspeed"]) | set(extras["integrations"])
+    assert set(extras["all"]) == users
+
+
+def test_the_sdist_manifest_takes_the_whole_repository():
+    # make dist-check builds it and compares with git ls-files; this keeps
+    # the manifest from losing a folder in between
+    with open(os.path.join(ROOT, "MANIFEST.in")) as f:
+        manifest = f.read()
+    for folder in ("tests", "docs", "launch", "benchmarks", "tools", ".ci"):
+        assert f"graft {folder}" in manifest, folder
