@@ -361,7 +361,7 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None) -> str:
                       if k != "params" and k not in KEEP_ON_LOAD})
     if engine.optimizer is not basic:  # the fp32 partitions into the model's params
         engine.optimizer.update_lp_params()
-    _restore_engine_counters(engine, folder)
+    _restore_engine_counters(engine, _model_states(folder))
     return tag
 
 
@@ -371,18 +371,16 @@ def _load_zero3(engine, folder: str, adapter: Stage3) -> None:
     group scalars, the loss scaler, the module's buffers, the model's
     partitions and the engine's counters."""
     zopt, basic = adapter.zopt, adapter.basic
-    files = _zero_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
-    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-           for f in files]
+    sds = _read_zero_files(folder)
     stage = int(sds[0].get("zero_stage", 0))
     if stage != 3:
         raise ValueError(f"checkpoint was saved at ZeRO stage {stage}, the engine runs stage 3; "
                          "resume at the stage it was saved with")
     saved_groups = sds[0]["optimizer_state_dict"]["param_groups"]
     _check_saved_groups(saved_groups, len(basic.param_groups), basic)
-    meta = torch.load(_model_states_file(folder), map_location="cpu", weights_only=False)
+    meta = _model_states(folder)
+    if meta is None:
+        raise FileNotFoundError(f"no DeepSpeed model states file in {folder!r}")
     shapes = [shape for sub_group in meta["param_shapes"] for shape in sub_group.values()]
     adapter.load_partitions(sds, shapes)
     for group, saved in zip(basic.param_groups, saved_groups):
@@ -397,15 +395,27 @@ def _load_zero3(engine, folder: str, adapter: Stage3) -> None:
             if name in saved_module and torch.is_tensor(saved_module[name]):
                 buf.copy_(saved_module[name])
     adapter.refresh_model()
-    _restore_engine_counters(engine, folder)
+    _restore_engine_counters(engine, meta)
 
 
-def _model_states_file(folder: str) -> str:
-    # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one per rank, same counters
+def _read_zero_files(folder: str) -> list[dict[str, Any]]:
+    """Every saved rank's ZeRO optimizer state dict, in rank order."""
+    files = _zero_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
+    return [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            for f in files]
+
+
+def _model_states(folder: str) -> Optional[dict[str, Any]]:
+    """The saved model states (counters, LR scheduler; at ZeRO-3 also the
+    parameter shapes and buffers), or None when the folder has none.
+    ZeRO-1/2 write mp_rank_00_model_states.pt; ZeRO-3 one file per rank,
+    with the same counters: rank 0's."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise FileNotFoundError(f"no DeepSpeed model states file in {folder!r}")
+            return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
+    return None
 
 
 def _check_saved_groups(saved_groups: list[dict[str, Any]], n_groups: int,
@@ -423,11 +433,7 @@ def _read_partitions(folder: str, zopt, basic: ElementwiseOptimizer):
     """Every rank's saved ZeRO state dict, and per param group the saved fp32
     partitions; raises (before anything is loaded) for a checkpoint of
     another model, optimizer or alignment."""
-    files = _zero_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no ZeRO optimizer files in {folder!r}")
-    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-           for f in files]
+    sds = _read_zero_files(folder)
     n_groups = len(zopt.single_partition_of_fp32_groups)
     _check_saved_groups(sds[0]["base_optimizer_state"]["param_groups"], n_groups, basic)
     for sd in sds:
@@ -455,13 +461,11 @@ def _cut(pieces: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
     return out
 
 
-def _restore_engine_counters(engine, folder: str) -> None:
-    """The engine's step and sample counters and its LR scheduler."""
-    try:
-        model_file = _model_states_file(folder)
-    except FileNotFoundError:
+def _restore_engine_counters(engine, meta: Optional[dict[str, Any]]) -> None:
+    """The engine's step and sample counters and its LR scheduler, from the
+    saved model states (:func:`_model_states`)."""
+    if meta is None:
         return
-    meta = torch.load(model_file, map_location="cpu", weights_only=False)
     engine.global_steps = meta.get("global_steps", engine.global_steps)
     engine.global_samples = meta.get("global_samples", engine.global_samples)
     engine.skipped_steps = meta.get("skipped_steps", engine.skipped_steps)

@@ -114,9 +114,7 @@ class Stage3:
         rounding of bf16 state draws the same bits at every world size.  A
         partition holds ``ceil(numel / N)`` elements of each of its
         parameters, from element ``rank * ceil(numel / N)`` on: one run each."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
+        rank = self.rank
         per_group: list[list[tuple[int, int, None]]] = [[] for _ in self.basic.param_groups]
         for i in range(len(self.zopt.fp16_groups)):
             per_group[self.group_of(i)] += [(id(p), int(p.ds_numel), None)
@@ -132,6 +130,13 @@ class Stage3:
             self.basic.bind(part, index_segments=runs)
 
     # -- the partitions --------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This rank's index among the ranks the parameters are partitioned over."""
+        import torch.distributed as dist
+
+        return dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
+
     @property
     def partitions(self) -> list[Tensor]:
         """The fp32 partition of each sub-group, in sub-group order."""
@@ -190,8 +195,6 @@ class Stage3:
         parameter is put together from the saved ranks' slices and cut for
         this one.  ``shapes``: the saved parameters' shapes in partition
         order.  Checks everything before changing anything."""
-        import torch.distributed as dist
-
         order = self.param_order()
         counts = _check_saved(saved, shapes, [p.ds_shape for p in order])
         n_sub = len(saved[0]["fp32_flat_groups"])
@@ -204,7 +207,7 @@ class Stage3:
         for key in keys:
             full[key] = _whole([torch.cat([st[s][key].reshape(-1) for s in range(n_sub)])
                                 for st in states], counts)
-        rank = dist.get_rank(group=getattr(self.zopt, "dp_process_group", None))
+        rank = self.rank
         index = {id(p): j for j, p in enumerate(order)}
         scalars = next((dict(s) for s in states[0].values()), {})
         for i, part in enumerate(self.partitions):

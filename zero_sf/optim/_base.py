@@ -112,11 +112,12 @@ class ElementwiseOptimizer(StateDicts, CompressedState, torch.optim.Optimizer):
         if index_base is not None:
             self._bases[id(param)] = index_base
         if index_segments is not None:
-            ends = [(o, o + n) for o, n, _ in index_segments]
-            if any(o < 0 or n < 0 or e > param.numel() for (o, e), (_, n, _) in
-                   zip(ends, index_segments)) or any(a[1] > b[0] for a, b in zip(ends, ends[1:])):
-                raise ValueError(f"index_segments {index_segments} are not ordered, disjoint "
-                                 f"runs of a parameter of {param.numel()} elements")
+            end = 0  # where the previous run ended: runs are in order and disjoint
+            for offset, length, _ in index_segments:
+                if offset < end or length < 0 or offset + length > param.numel():
+                    raise ValueError(f"index_segments {index_segments} are not ordered, "
+                                     f"disjoint runs of a parameter of {param.numel()} elements")
+                end = offset + length
             self._segments[id(param)] = list(index_segments)
             self._bases[id(param)] = index_segments[0][2] if index_segments else 0
         self._writes_tracked_outside = True
