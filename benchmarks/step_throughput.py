@@ -30,6 +30,7 @@ from _common import environment, median_time, write_json  # noqa: E402
 
 from zero_sf import functional as F  # noqa: E402
 from zero_sf.spec import sf_scalars  # noqa: E402
+from zero_sf.storage import Stores  # noqa: E402
 
 MIN_BYTES = {"zero_sf_triton": 28, "zero_sf_cpu": 28, "zero_sf_torch": 28,
              # compressed state (docs/design.md §11): read g, y, remainder, z, v, write
@@ -50,12 +51,12 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
     fns = {}
     for m in methods:
         if m.endswith("_compressed"):  # a bf16 model's shard: bf16 y + remainder, bf16 z, v (SR)
-            from zero_sf.spec import split_master
+            from zero_sf.storage import split_master
             y, rem = split_master(rnd(torch.float32))
             grad, z, v = rnd(torch.bfloat16), rnd(torch.bfloat16), rnd(torch.bfloat16).abs()
             backend = m[len("zero_sf_"):-len("_compressed")]
             fn = lambda y=y, rem=rem, grad=grad, z=z, v=v, backend=backend: F.sf_adamw(
-                [y], [grad], [z], [v], remainders=[rem], sr=(0, 10), index_bases=[0],
+                [y], [grad], [z], [v], store=Stores(remainders=[rem], sr=(0, 10), index_bases=[0]),
                 backend=backend, **kw)
         elif m.startswith("zero_sf"):
             y, z, v = rnd(torch.float32), rnd(torch.float32), rnd(torch.float32).abs()
@@ -67,7 +68,7 @@ def bench_size(n: int, device: torch.device, methods: list[str], repeats: int) -
             # default arguments: bind this method's tensors now (the lambdas run later,
             # round robin, after the loop has rebound the names)
             fn = lambda y=y, grad=grad, z=z, v=v, y_out=y_out, backend=backend: F.sf_adamw(
-                [y], [grad], [z], [v], y_outs=y_out, backend=backend, **kw)
+                [y], [grad], [z], [v], store=Stores(outs=y_out), backend=backend, **kw)
         elif m == "deepspeed_cpu_adam":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             p = torch.nn.Parameter(rnd(torch.float32))

@@ -11,7 +11,7 @@ import torch
 
 from zero_sf import functional as F
 from tests.helpers import exact_sqrt
-from zero_sf import spec as S
+from zero_sf import storage
 
 BACKENDS_FUSED = ["cpu", "triton"]
 
@@ -29,22 +29,22 @@ def test_split_and_join_are_exact_inverses_for_every_low_half():
     lows = torch.arange(1 << 16, dtype=torch.int64)
     bits = ((highs[:, None] << 16) | lows[None, :]).flatten()
     y = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
-    hi, rem = S.split_master(y)
+    hi, rem = storage.split_master(y)
     assert hi.dtype == torch.bfloat16 and rem.dtype == torch.int16
-    assert torch.equal(_bits(S.join_master(hi, rem)), _bits(y))
+    assert torch.equal(_bits(storage.join_master(hi, rem)), _bits(y))
 
 
 def test_the_bf16_parameter_is_y_rounded_to_nearest_ties_away_from_zero():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(200_000, generator=g) * 10.0 ** torch.randint(-5, 5, (200_000,), generator=g)
-    hi, _ = S.split_master(y)
+    hi, _ = storage.split_master(y)
     rne = y.to(torch.bfloat16)
     low = _bits(y).to(torch.int64) & 0xFFFF
     tie = low == 0x8000
     assert torch.equal(hi[~tie], rne[~tie])  # nearest, as torch, except on ties
     # on a tie: away from zero
     ties = torch.tensor([1.0 + 2.0**-8, -(1.0 + 2.0**-8), 1.0 + 3 * 2.0**-8])
-    hi, _ = S.split_master(ties)
+    hi, _ = storage.split_master(ties)
     assert hi.float().tolist() == [1.0 + 2.0**-7, -(1.0 + 2.0**-7), 1.0 + 2 * 2.0**-7]
     assert ties.to(torch.bfloat16).float().tolist()[0] == 1.0  # torch: to even
 
@@ -59,7 +59,7 @@ def test_stochastic_rounding_is_unbiased_and_rounds_up_with_the_dropped_fraction
     for x in (1.0 + 2.0**-10, -3.0 - 5 * 2.0**-12, 1e-3 * (1 + 2.0**-9), 7.0e5 + 0.3):
         v = torch.full((n,), x, dtype=torch.float32)
         x32 = v[0].item()
-        r = S.round_stochastic(v, S.lane_bits(n, 12345, (3, 17), S.LANE_V)).float()
+        r = storage.round_stochastic(v, storage.lane_bits(n, 12345, (3, 17), storage.LANE_V)).float()
         down = v.to(torch.bfloat16).float()[0].item()
         lo_, hi_ = sorted({r.min().item(), r.max().item()})
         ulp = hi_ - lo_
@@ -74,35 +74,35 @@ def test_stochastic_rounding_is_unbiased_and_rounds_up_with_the_dropped_fraction
 
 
 def test_random_bits_depend_on_seed_step_role_and_index_only():
-    key = S.sr_key(0, 5, 0)
-    a = S.random_bits(1000, 77, key)
-    assert torch.equal(a, S.random_bits(1000, 77, key))
-    assert torch.equal(a[10:], S.random_bits(990, 87, key))  # a shard: same numbers
-    for other in (S.sr_key(1, 5, 0), S.sr_key(0, 6, 0), S.sr_key(0, 5, 1)):
-        assert (S.random_bits(1000, 77, other) != a).float().mean() > 0.99
+    key = storage.sr_key(0, 5, 0)
+    a = storage.random_bits(1000, 77, key)
+    assert torch.equal(a, storage.random_bits(1000, 77, key))
+    assert torch.equal(a[10:], storage.random_bits(990, 87, key))  # a shard: same numbers
+    for other in (storage.sr_key(1, 5, 0), storage.sr_key(0, 6, 0), storage.sr_key(0, 5, 1)):
+        assert (storage.random_bits(1000, 77, other) != a).float().mean() > 0.99
     # the lanes: z and v take the two halves of one word, grad_avg another word
-    z, v, g = (S.lane_bits(1000, 77, (0, 5), lane) for lane in (S.LANE_Z, S.LANE_V, S.LANE_GAVG))
+    z, v, g = (storage.lane_bits(1000, 77, (0, 5), lane) for lane in (storage.LANE_Z, storage.LANE_V, storage.LANE_GAVG))
     assert torch.equal(z, a & 0xFFFF) and torch.equal(v, a >> 16)
-    assert torch.equal(g, S.random_bits(1000, 77, S.sr_key(0, 5, 1)) & 0xFFFF)
+    assert torch.equal(g, storage.random_bits(1000, 77, storage.sr_key(0, 5, 1)) & 0xFFFF)
     # the two halves of a word are uncorrelated (Pearson r within 5 sd of 0)
-    big = S.random_bits(1 << 18, 0, key)
+    big = storage.random_bits(1 << 18, 0, key)
     lo, hi = (big & 0xFFFF).double(), (big >> 16).double()
     r = torch.corrcoef(torch.stack([lo, hi]))[0, 1].item()
     assert abs(r) < 5 / math.sqrt(1 << 18), r
     assert 0 <= a.min() and a.max() < 2**32
     # indices beyond 2**32 (a 7B model's flat index) use the high half too
-    far = S.random_bits(8, 2**32 + 5, key)
-    assert not torch.equal(far, S.random_bits(8, 5, key))
+    far = storage.random_bits(8, 2**32 + 5, key)
+    assert not torch.equal(far, storage.random_bits(8, 5, key))
     # the 16 bits used are uniform: each of 16 bins holds 1/16 within 5 sd
-    big = S.random_bits(1 << 18, 0, key) & 0xFFFF
+    big = storage.random_bits(1 << 18, 0, key) & 0xFFFF
     counts = torch.bincount(big >> 12, minlength=16).double() / (1 << 18)
     assert (counts - 1 / 16).abs().max() < 5 * math.sqrt(1 / 16 * 15 / 16 / (1 << 18))
 
 
 def test_mix32_matches_the_tensor_hash():
     xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123456789]
-    t = S._mix32_t(torch.tensor(xs, dtype=torch.int64))
-    assert t.tolist() == [S.mix32(x) for x in xs]
+    t = storage._mix32_t(torch.tensor(xs, dtype=torch.int64))
+    assert t.tolist() == [storage.mix32(x) for x in xs]
 
 
 # ------------------------------------------------ backends against the spec
@@ -113,7 +113,7 @@ def _case(n, state_dtype, remainder, seed=0):
     g = torch.Generator().manual_seed(seed)
     y32 = torch.randn(n, generator=g)
     if remainder:
-        y, rem = S.split_master(y32)
+        y, rem = storage.split_master(y32)
     else:
         y, rem = y32.to(torch.bfloat16), None
     grad = torch.randn(n, generator=g).to(torch.bfloat16)
@@ -124,17 +124,17 @@ def _case(n, state_dtype, remainder, seed=0):
 
 def _sf(ts, backend, sr, base=0):
     y, grad, z, v, rem = ts
+    rems = None if rem is None else [rem]
     F.sf_adamw([y], [grad], [z], [v], lr=1e-2, ck=0.2, y_coef=-8e-3, beta2=0.999,
                bias_correction2=0.3, eps=1e-8, weight_decay=0.1, grad_scale=0.5,
-               remainders=None if rem is None else [rem], sr=sr, index_bases=[base],
-               backend=backend)
-    F.sf_interpolate([y], [z], weight=1 - 1 / 0.9,
-                     remainders=None if rem is None else [rem], backend=backend)
+               store=storage.Stores(remainders=rems, sr=sr, index_bases=[base]), backend=backend)
+    F.sf_interpolate([y], [z], weight=1 - 1 / 0.9, store=storage.Stores(remainders=rems),
+                     backend=backend)
 
 
 def _y32(ts):
     y, rem = ts[0], ts[4]
-    return S.join_master(y, rem) if rem is not None else y.float()
+    return storage.join_master(y, rem) if rem is not None else y.float()
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -187,17 +187,19 @@ def test_rmsprop_every_state_tensor_rounds_stochastically_with_its_own_stream(ba
     g = torch.Generator().manual_seed(3)
     n = 4099
     p32 = torch.randn(n, generator=g)
-    p, rem = S.split_master(p32)
+    p, rem = storage.split_master(p32)
     grad = torch.randn(n, generator=g).to(torch.bfloat16)
     states = [(torch.rand(n, generator=g) * 1e-2).bfloat16() for _ in range(3)]
     ref = [p.clone(), rem.clone()] + [s.clone() for s in states]
     kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.9, centered=True,
-              bias_correction2=0.5, weight_decay=0.01, sr=(5, 9), index_bases=[100])
+              bias_correction2=0.5, weight_decay=0.01)
     F.rmsprop([p], [grad], [states[0]], momentum_buffers=[states[1]], grad_avgs=[states[2]],
-              remainders=[rem], backend=backend, **kw)
+              store=storage.Stores(remainders=[rem], sr=(5, 9), index_bases=[100]),
+              backend=backend, **kw)
     with exact_sqrt():
         F.rmsprop([ref[0]], [grad], [ref[2]], momentum_buffers=[ref[3]], grad_avgs=[ref[4]],
-                  remainders=[ref[1]], backend="torch", **kw)
+                  store=storage.Stores(remainders=[ref[1]], sr=(5, 9), index_bases=[100]),
+                  backend="torch", **kw)
     for a, b in zip(states, ref[2:]):
         same = (_bits(a) == _bits(b)).float().mean().item()
         assert same > (0.999 if backend != "triton" else 0.99), same

@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 
+from .storage import Stores
+
 RTOL = 1e-6  # the kernel tests' tolerance against the spec (fp32 state)
 
 
@@ -116,9 +118,9 @@ def _sf_case(y_dtype, g_dtype, out_dtype, wd):
         outs = ([torch.zeros(n, dtype=out_dtype, device=device) for n in SIZES]
                 if out_dtype else None)
         dispatch.sf_adamw([t[0] for t in ts], [t[1] for t in ts], [t[2] for t in ts],
-                          [t[3] for t in ts], y_outs=outs, lr=1e-2, ck=0.3, y_coef=-7e-3,
-                          beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=wd,
-                          grad_scale=0.5, backend=backend)
+                          [t[3] for t in ts], store=Stores(outs=outs), lr=1e-2, ck=0.3,
+                          y_coef=-7e-3, beta2=0.999, bias_correction2=0.05, eps=1e-8,
+                          weight_decay=wd, grad_scale=0.5, backend=backend)
         return [x for t in ts for x in (t[0], t[2], t[3])] + (outs or [])
     name = f"sf_adamw y={_short(y_dtype)} g={_short(g_dtype)}" + (
         f" y_out={_short(out_dtype)}" if out_dtype else "") + f" wd={wd}"
@@ -153,8 +155,8 @@ def _interp_case(dtype, with_out):
         ts = [_inputs(13 + i, n, torch.float32 if with_out else dtype, dtype, device)
               for i, n in enumerate(SIZES)]
         outs = [torch.zeros(n, dtype=dtype, device=device) for n in SIZES] if with_out else None
-        dispatch.sf_interpolate([t[0] for t in ts], [t[2] for t in ts], weight=0.1, p_outs=outs,
-                                backend=backend)
+        dispatch.sf_interpolate([t[0] for t in ts], [t[2] for t in ts], weight=0.1,
+                                store=Stores(outs=outs), backend=backend)
         return [t[0] for t in ts] + (outs or [])
     return f"sf_interpolate {_short(dtype)}{' (fp32 master + copy)' if with_out else ''}", run, RTOL
 
@@ -164,7 +166,7 @@ def _compressed_case(interpolate: bool):
     §11): bf16 y + int16 remainder, bf16 z and v rounded stochastically."""
     def run(device, backend):
         from . import dispatch
-        from .spec import join_master, split_master
+        from .storage import join_master, split_master
 
         ts = [_inputs(17 + i, n, torch.float32, torch.bfloat16, device)
               for i, n in enumerate(SIZES)]
@@ -173,11 +175,12 @@ def _compressed_case(interpolate: bool):
         vs = [t[3].bfloat16() for t in ts]
         dispatch.sf_adamw(list(ys), [t[1] for t in ts], zs, vs, lr=1e-2, ck=0.3, y_coef=-7e-3,
                           beta2=0.999, bias_correction2=0.05, eps=1e-8, weight_decay=0.1,
-                          grad_scale=0.5, remainders=list(rems), sr=(3, 2**33 + 5),
-                          index_bases=[2**32 - 500, 7, 0], backend=backend)
+                          grad_scale=0.5, backend=backend,
+                          store=Stores(remainders=list(rems), sr=(3, 2**33 + 5),
+                                       index_bases=[2**32 - 500, 7, 0]))
         if interpolate:
-            dispatch.sf_interpolate(list(ys), zs, weight=1 - 1 / 0.9, remainders=list(rems),
-                                    backend=backend)
+            dispatch.sf_interpolate(list(ys), zs, weight=1 - 1 / 0.9,
+                                    store=Stores(remainders=list(rems)), backend=backend)
         return [join_master(y, r) for y, r in zip(ys, rems)] + zs + vs
     return (f"compressed ZeRO shard (bf16 y + remainder, bf16 state, stochastic rounding)"
             f"{' + eval switch' if interpolate else ''}", run, RTOL)

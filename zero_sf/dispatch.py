@@ -14,16 +14,16 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from . import spec
+from .storage import Stores
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
     from typing_extensions import TypeGuard
 
-__all__ = ["sf_adamw", "rmsprop", "sf_interpolate", "resolve_backend", "BACKENDS"]
+__all__ = ["sf_adamw", "rmsprop", "sf_interpolate", "resolve_backend", "BACKENDS", "Stores"]
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -117,36 +117,19 @@ def _split(backend: str, n: int, tensor_lists, n_state: int = 0) -> tuple[list[i
 _TORCH_CHUNK = 1 << 16
 
 
-def _torch_chunks(*tensors: Optional[Tensor]):
-    """Yield (offset of the first element, tuple of matching 1-D slices)
+def _torch_chunks(tensors: tuple[Optional[Tensor], ...], store):
+    """Yield (tuple of matching 1-D slices, the store of those elements)
     (None stays None); the whole tensors when small or not all contiguous."""
     first = tensors[0]
     assert first is not None, "the first role (the parameters) is always given"
     n = first.numel()
-    if n <= _TORCH_CHUNK or not _all_contiguous(*tensors):
-        yield 0, tensors
+    if n <= _TORCH_CHUNK or not _all_contiguous(*tensors, *store.tensors()):
+        yield tensors, store
         return
     flat = [t.view(-1) if t is not None else None for t in tensors]
     for s in range(0, n, _TORCH_CHUNK):
-        yield s, tuple(t[s:s + _TORCH_CHUNK] if t is not None else None for t in flat)
-
-
-def _check_compressed(ys, remainders, sr, index_bases) -> None:
-    """The arguments of compressed state agree with each other."""
-    if remainders is not None:
-        for i, (y, r) in enumerate(zip(ys, remainders)):
-            if r is not None and (y.dtype != torch.bfloat16 or r.dtype != torch.int16
-                                  or r.shape != y.shape):
-                raise ValueError(
-                    f"remainder {i}: a {r.dtype} remainder of shape {tuple(r.shape)} for a "
-                    f"{y.dtype} parameter of shape {tuple(y.shape)}; remainders are int16 "
-                    "tensors shaped like their bfloat16 parameters")
-    if sr is not None and index_bases is None:
-        raise ValueError("stochastic rounding (sr=(seed, step)) needs index_bases")
-
-
-def _base(index_bases, i: int) -> int:
-    return index_bases[i] if index_bases is not None else 0
+        m = min(_TORCH_CHUNK, n - s)
+        yield tuple(t[s:s + m] if t is not None else None for t in flat), store.narrow(s, m)
 
 
 def _dtensor_cls():
@@ -165,21 +148,24 @@ def is_dtensor(t) -> TypeGuard[DTensor]:
     return cls is not None and isinstance(t, cls)
 
 
-def _local(tensor_lists, index_bases=None):
+def _local(tensor_lists, store: Stores):
     """FSDP2 / DTensor support: the update is elementwise, so each rank
     updates its local shards in place (``to_local()`` aliases the DTensor's
     storage) with the fused kernel, instead of ~10 DTensor-dispatched ops.
     Every role of index i must be laid out like role 0's tensor (same mesh
     and placements), or the local shards would not line up element for
     element.  Indices whose local shard is empty (uneven sharding: a (1, d)
-    parameter at 2 ranks) are dropped from every list, ``index_bases`` (the
-    stochastic rounding's counters, one per index) included, so that every
-    later tensor keeps its own counter.  Returns (the lists of local
-    tensors, the index bases kept)."""
+    parameter at 2 ranks) are dropped from every list and from ``store``
+    (its index bases are the stochastic rounding's counters, one per index),
+    so that every later tensor keeps its own counter.  Returns (the lists of
+    local tensors, the store of those).  The store's outputs and remainders
+    are laid out like their parameters too."""
     DTensor = _dtensor_cls()  # looked up once, not per tensor
     first = tensor_lists[0]
     if DTensor is None or not any(isinstance(t, DTensor) for t in first):
-        return tensor_lists, index_bases
+        return tensor_lists, store
+    n_roles = len(tensor_lists)
+    tensor_lists = list(tensor_lists) + [store.outs, store.remainders]
 
     def where(x):
         return (f"DTensor{tuple(x.placements)} on {x.device_mesh}"
@@ -203,17 +189,19 @@ def _local(tensor_lists, index_bases=None):
                     "(create optimizer state with torch.zeros_like(param))")
         if local(p).numel() > 0:
             keep.append(i)
-    return ([None if role is None else
+    lists = [None if role is None else
              [local(t) if t is not None else None for t in (role[i] for i in keep)]
-             for role in tensor_lists], _pick(index_bases, keep))
-
-
-def _at(xs, i):
-    return xs[i] if xs is not None else None
+             for role in tensor_lists]
+    return lists[:n_roles], Stores(lists[n_roles], lists[n_roles + 1], store.sr,
+                                   _pick(store.index_bases, keep))
 
 
 def _pick(xs, index):
     return None if xs is None else [xs[i] for i in index]
+
+
+def _fused_impl(backend: str):
+    return _cpu_backend() if backend == "cpu" else _kernels()
 
 
 def sf_adamw(
@@ -230,41 +218,37 @@ def sf_adamw(
     eps: float,
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
-    y_outs: Optional[Sequence[Optional[Tensor]]] = None,
-    remainders: Optional[Sequence[Optional[Tensor]]] = None,
-    sr: Optional[tuple[int, int]] = None,
-    index_bases: Optional[Sequence[int]] = None,
+    store: Optional[Stores] = None,
     backend: str = "auto",
+    **storage_keywords: Any,
 ) -> None:
     """Schedule-Free AdamW step (:func:`zero_sf.spec.sf_adamw_update`) on lists.
 
-    ``y_outs`` (optional, entries may be ``None``): tensors that receive ``y``
-    rounded to their dtype, in the same pass (a ZeRO rank's slice of the
-    model's bf16 parameters when ``ys`` are fp32 master shards).
-    ``remainders`` (int16, entries may be ``None``): the low bits of bf16
-    ``ys`` (exact fp32 y).  ``sr = (seed, step)``: bf16 state is rounded
-    stochastically, element i of tensor j numbered ``index_bases[j] + i``."""
-    _check_compressed(ys, remainders, sr, index_bases)
-    (ys, grads, zs, vs, y_outs, remainders), index_bases = _local(
-        [ys, grads, zs, vs, y_outs, remainders], index_bases)
+    ``store`` (:class:`zero_sf.storage.Stores`): where the results go besides
+    ``ys``/``zs``/``vs``: ``outs`` receive ``y`` rounded to their dtype in the
+    same pass (a ZeRO rank's slice of the model's bf16 parameters when ``ys``
+    are fp32 master shards); ``remainders`` (int16) complete bf16 ``ys`` to
+    the exact fp32 y; ``sr = (seed, step)`` rounds bf16 state stochastically,
+    element i of tensor j numbered ``index_bases[j] + i``.  The keywords of
+    earlier releases (``y_outs``, ``remainders``, ``sr``, ``index_bases``)
+    are still accepted."""
+    store = Stores.from_keywords("sf_adamw", "y_outs", store, storage_keywords)
+    store.check(ys)
+    (ys, grads, zs, vs), store = _local([ys, grads, zs, vs], store)
     if not ys:  # e.g. every local shard of this rank is empty
         return
     backend = resolve_backend(backend, ys)
-    fused, plain = _split(backend, len(ys), (ys, grads, y_outs, remainders, zs, vs), n_state=2)
+    fused, plain = _split(backend, len(ys), (ys, grads, store.outs, store.remainders, zs, vs),
+                          n_state=2)
     scalars = dict(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                    bias_correction2=bias_correction2, eps=eps,
                    weight_decay=weight_decay, grad_scale=grad_scale)
     if fused:
-        impl = _cpu_backend() if backend == "cpu" else _kernels()
-        impl.sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
-                      _pick(vs, fused), y_outs=_pick(y_outs, fused),
-                      remainders=_pick(remainders, fused), sr=sr,
-                      index_bases=_pick(index_bases, fused), **scalars)
+        _fused_impl(backend).sf_adamw(_pick(ys, fused), _pick(grads, fused), _pick(zs, fused),
+                                      _pick(vs, fused), store=store.pick(fused), **scalars)
     for i in plain:
-        for off, (y, g, z, v, y_out, rem) in _torch_chunks(
-                ys[i], grads[i], zs[i], vs[i], _at(y_outs, i), _at(remainders, i)):
-            spec.sf_adamw_update(y, g, z, v, y_out=y_out, remainder=rem, sr=sr,
-                                 index_base=_base(index_bases, i) + off, **scalars)
+        for (y, g, z, v), st in _torch_chunks((ys[i], grads[i], zs[i], vs[i]), store.at(i)):
+            spec.sf_adamw_update(y, g, z, v, store=st, **scalars)
 
 
 def rmsprop(
@@ -284,45 +268,41 @@ def rmsprop(
     momentum_buffers: Optional[Sequence[Tensor]] = None,
     grad_avgs: Optional[Sequence[Tensor]] = None,
     grad_scale: float = 1.0,
-    param_outs: Optional[Sequence[Optional[Tensor]]] = None,
-    remainders: Optional[Sequence[Optional[Tensor]]] = None,
-    sr: Optional[tuple[int, int]] = None,
-    index_bases: Optional[Sequence[int]] = None,
+    store: Optional[Stores] = None,
     backend: str = "auto",
+    **storage_keywords: Any,
 ) -> None:
-    """RMSProp step (:func:`zero_sf.spec.rmsprop_update`) on lists;
-    ``remainders``, ``sr``, ``index_bases`` as in :func:`sf_adamw`."""
+    """RMSProp step (:func:`zero_sf.spec.rmsprop_update`) on lists; ``store``
+    as in :func:`sf_adamw` (the keywords of earlier releases: ``param_outs``,
+    ``remainders``, ``sr``, ``index_bases``)."""
+    store = Stores.from_keywords("rmsprop", "param_outs", store, storage_keywords)
     if momentum > 0.0 and momentum_buffers is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
     if centered and grad_avgs is None:
         raise ValueError("centered=True needs grad_avgs")
-    _check_compressed(params, remainders, sr, index_bases)
-    (params, grads, square_avgs, momentum_buffers, grad_avgs, param_outs, remainders), \
-        index_bases = _local([params, grads, square_avgs, momentum_buffers, grad_avgs,
-                              param_outs, remainders], index_bases)
+    store.check(params)
+    (params, grads, square_avgs, momentum_buffers, grad_avgs), store = _local(
+        [params, grads, square_avgs, momentum_buffers, grad_avgs], store)
     if not params:
         return
     backend = resolve_backend(backend, params)
     fused, plain = _split(backend, len(params),
-                          (params, grads, param_outs, remainders, square_avgs, momentum_buffers,
-                           grad_avgs), n_state=3)
+                          (params, grads, store.outs, store.remainders, square_avgs,
+                           momentum_buffers, grad_avgs), n_state=3)
     scalars: dict[str, Any] = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                   momentum=momentum, centered=centered,
-                   bias_correction2=bias_correction2, eps_in_sqrt=eps_in_sqrt,
-                   maximize=maximize, grad_scale=grad_scale)
+                                   momentum=momentum, centered=centered,
+                                   bias_correction2=bias_correction2, eps_in_sqrt=eps_in_sqrt,
+                                   maximize=maximize, grad_scale=grad_scale)
     if fused:
-        impl = _cpu_backend() if backend == "cpu" else _kernels()
-        impl.rmsprop(_pick(params, fused), _pick(grads, fused), _pick(square_avgs, fused),
-                     momentum_buffers=_pick(momentum_buffers, fused),
-                     grad_avgs=_pick(grad_avgs, fused), param_outs=_pick(param_outs, fused),
-                     remainders=_pick(remainders, fused), sr=sr,
-                     index_bases=_pick(index_bases, fused), **scalars)
+        _fused_impl(backend).rmsprop(
+            _pick(params, fused), _pick(grads, fused), _pick(square_avgs, fused),
+            momentum_buffers=_pick(momentum_buffers, fused), grad_avgs=_pick(grad_avgs, fused),
+            store=store.pick(fused), **scalars)
     for i in plain:
-        for off, (p, g, v, buf, gavg, out, rem) in _torch_chunks(
-                params[i], grads[i], square_avgs[i], _at(momentum_buffers, i),
-                _at(grad_avgs, i), _at(param_outs, i), _at(remainders, i)):
-            spec.rmsprop_update(p, g, v, momentum_buffer=buf, grad_avg=gavg, param_out=out,
-                                remainder=rem, sr=sr, index_base=_base(index_bases, i) + off,
+        for (p, g, v, buf, gavg), st in _torch_chunks(
+                (params[i], grads[i], square_avgs[i], _at(momentum_buffers, i),
+                 _at(grad_avgs, i)), store.at(i)):
+            spec.rmsprop_update(p, g, v, momentum_buffer=buf, grad_avg=gavg, store=st,
                                 **scalars)
 
 
@@ -331,22 +311,29 @@ def sf_interpolate(
     zs: Sequence[Tensor],
     *,
     weight: float,
-    p_outs: Optional[Sequence[Optional[Tensor]]] = None,
-    remainders: Optional[Sequence[Optional[Tensor]]] = None,
+    store: Optional[Stores] = None,
     backend: str = "auto",
+    **storage_keywords: Any,
 ) -> None:
     """``p.lerp_(z, weight)`` on lists: the y<->x switch of train()/eval()
-    (``remainders``: int16 low bits of bf16 ``ps``, kept exact)."""
-    _check_compressed(ps, remainders, None, None)
-    (ps, zs, p_outs, remainders), _ = _local([ps, zs, p_outs, remainders])
+    (``store``: ``outs`` get the rounded copies, ``remainders`` keep bf16
+    ``ps`` exact; the keywords of earlier releases: ``p_outs``, ``remainders``)."""
+    store = Stores.from_keywords("sf_interpolate", "p_outs", store, storage_keywords)
+    if store.sr is not None:
+        raise ValueError("sf_interpolate stores no state: sr=(seed, step) does not apply")
+    store.check(ps)
+    (ps, zs), store = _local([ps, zs], store)
     if not ps:
         return
     backend = resolve_backend(backend, ps)
-    fused, plain = _split(backend, len(ps), (ps, p_outs, remainders, zs), n_state=1)
+    fused, plain = _split(backend, len(ps), (ps, store.outs, store.remainders, zs), n_state=1)
     if fused:
-        impl = _cpu_backend() if backend == "cpu" else _kernels()
-        impl.sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
-                            p_outs=_pick(p_outs, fused), remainders=_pick(remainders, fused))
+        _fused_impl(backend).sf_interpolate(_pick(ps, fused), _pick(zs, fused), weight=weight,
+                                            store=store.pick(fused))
     for i in plain:
-        for _, (p, z, out, rem) in _torch_chunks(ps[i], zs[i], _at(p_outs, i), _at(remainders, i)):
-            spec.sf_interpolate(p, z, weight=weight, p_out=out, remainder=rem)
+        for (p, z), st in _torch_chunks((ps[i], zs[i]), store.at(i)):
+            spec.sf_interpolate(p, z, weight=weight, store=st)
+
+
+def _at(xs, i):
+    return xs[i] if xs is not None else None

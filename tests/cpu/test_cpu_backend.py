@@ -19,6 +19,7 @@ import torch
 from zero_sf import functional as F
 from tests.helpers import exact_sqrt
 from zero_sf import spec
+from zero_sf.storage import Store, Stores
 
 cpu = pytest.importorskip("zero_sf.cpu")
 if not cpu.available():  # conftest fails the run unless ZERO_SF_SKIP_MISSING=1
@@ -86,9 +87,10 @@ def test_sf_adamw_matches_the_spec(dtypes, scalars, exact):
     kw = SF_SCALARS[scalars]
     with exact_sqrt() if exact else contextlib.nullcontext():
         for y, g, z, v, out in want:
-            spec.sf_adamw_update(y, g, z, v, y_out=out, **kw)
+            spec.sf_adamw_update(y, g, z, v, store=Store(out=out), **kw)
     F.sf_adamw(*[[row[i] for row in got] for i in range(4)],
-               y_outs=[row[4] for row in got] if dtypes[2] else None, backend="cpu", **kw)
+               store=Stores(outs=[row[4] for row in got] if dtypes[2] else None), backend="cpu",
+               **kw)
     for a, b in zip(got, want):
         assert torch.equal(a[3], b[3])  # v: no sqrt on its path, always exact
         _assert_same(a, b, exact)
@@ -121,11 +123,12 @@ def test_rmsprop_every_flag_matches_the_spec(momentum, centered, eps_in_sqrt, ma
     with exact_sqrt():
         for p, gr, v, buf, ga, out in want:
             spec.rmsprop_update(p, gr, v, momentum_buffer=buf if momentum else None,
-                                grad_avg=ga if centered else None, param_out=out, **kw)
+                                grad_avg=ga if centered else None, store=Store(out=out),
+                                **kw)
     col = lambda i: [row[i] for row in got]
     F.rmsprop(col(0), col(1), col(2), momentum_buffers=col(3) if momentum else None,
               grad_avgs=col(4) if centered else None,
-              param_outs=col(5) if out_dtype else None, backend="cpu", **kw)
+              store=Stores(outs=col(5) if out_dtype else None), backend="cpu", **kw)
     for a, b in zip(got, want):
         _assert_same(a, b, exact=True)
 
@@ -141,8 +144,8 @@ def test_interpolation_is_the_spec_bitwise(p_dtype, out_dtype, weight):
     want = [p.clone() for p in ps]
     want_outs = [o.clone() for o in outs] if outs else [None] * len(ps)
     for p, z, o in zip(want, zs, want_outs):
-        spec.sf_interpolate(p, z, weight=weight, p_out=o)
-    F.sf_interpolate(ps, zs, weight=weight, p_outs=outs, backend="cpu")
+        spec.sf_interpolate(p, z, weight=weight, store=Store(out=o))
+    F.sf_interpolate(ps, zs, weight=weight, store=Stores(outs=outs), backend="cpu")
     _assert_same(ps, want, exact=True)
     if outs:
         _assert_same(outs, want_outs, exact=True)
@@ -156,7 +159,7 @@ def test_rounding_is_to_nearest_even_including_specials():
         out, ref = torch.empty_like(x, dtype=low), torch.empty_like(x, dtype=low)
         # weight 0: p + 0 * (z - p) is p itself (finite p), rounded once to `low`
         F.sf_interpolate([x.clone()], [z], weight=0.0, p_outs=[out], backend="cpu")
-        spec.sf_interpolate(x.clone(), z, weight=0.0, p_out=ref)
+        spec.sf_interpolate(x.clone(), z, weight=0.0, store=Store(out=ref))
         nan = ref.isnan()  # (inf - inf: NaN in both; NaN payloads may differ)
         assert torch.equal(out.isnan(), nan)
         assert torch.equal(out.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])

@@ -289,7 +289,7 @@ def _bf16_state_on_shards(rank, world_size):
     bf16 sharded parameters with remainder masters: the exact fp32 y too."""
     from torch.distributed.tensor import distribute_tensor
 
-    from zero_sf.spec import join_master
+    from zero_sf.storage import join_master
 
     for dtype, extra in ((torch.float32, {}), (torch.bfloat16, dict(master_weights="remainder"))):
         model, ref_model = _shard(_model().to(dtype)), _model().to(dtype)
@@ -422,8 +422,8 @@ def _remainder_full_state_dict(rank, world_size):
                                               for g in osd["param_groups"]]})
     for p, q in zip(_sharded(opt), ref.parameters()):
         rem = opt.state[p]["remainder"].view(torch.bfloat16).full_tensor().view(torch.int16)
-        want = zero_sf.spec.join_master(p.full_tensor(), rem)
-        got = zero_sf.spec.join_master(q.detach(), ref_opt.state[q]["remainder"])
+        want = zero_sf.storage.join_master(p.full_tensor(), rem)
+        got = zero_sf.storage.join_master(q.detach(), ref_opt.state[q]["remainder"])
         assert torch.equal(got, want)
         assert ref_opt.state[q]["remainder"].dtype == torch.int16
 

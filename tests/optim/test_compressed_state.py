@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import zero_sf
-from zero_sf import spec as S
+from zero_sf import storage
 
 BF16_STATE = dict(state_dtype=torch.bfloat16)
 COMPRESSED = dict(state_dtype=torch.bfloat16, master_weights="remainder")
@@ -31,7 +31,7 @@ def _loss(model, i):
 
 def _y32(opt, p):
     st = opt.state[p]
-    return S.join_master(p.detach(), st["remainder"]) if "remainder" in st else p.detach().float()
+    return storage.join_master(p.detach(), st["remainder"]) if "remainder" in st else p.detach().float()
 
 
 def _backend_ok(backend):
@@ -75,7 +75,7 @@ def _check_same(opt, ref, model):
     for i, p in enumerate(model.parameters()):
         y32 = _y32(opt, p).flatten()
         assert torch.equal(y32.view(torch.int32), pieces[i]["master"].view(torch.int32))
-        assert torch.equal(p.detach().flatten(), S.split_master(y32)[0])
+        assert torch.equal(p.detach().flatten(), storage.split_master(y32)[0])
         for key, t in pieces[i].items():
             if key != "master":
                 assert torch.equal(opt.state[p][key].flatten(), t), key

@@ -240,7 +240,7 @@ class Reference:
         rem = self.opt.state.get(q, {}).get("remainder")
         if rem is not None and _stale(self.opt, q):
             rem = None  # weights written since the last step are y (the next step zeroes it)
-        y = zero_sf.spec.join_master(q.detach(), rem) if rem is not None else q.detach().float()
+        y = zero_sf.storage.join_master(q.detach(), rem) if rem is not None else q.detach().float()
         st["master"] = y.reshape(-1)
         return st
 
@@ -314,7 +314,7 @@ class Single(Engine):
         rem = self.opt.state.get(p, {}).get("remainder")
         if rem is not None and _stale(self.opt, p):
             rem = None  # as the Reference's
-        st["master"] = (zero_sf.spec.join_master(p.detach(), rem) if rem is not None
+        st["master"] = (zero_sf.storage.join_master(p.detach(), rem) if rem is not None
                         else p.detach().float()).reshape(-1)
         return st
 
@@ -420,7 +420,7 @@ class FSDP2(Engine):
             tensors = {k: v.to_local().reshape(-1) for k, v in st.items()
                        if k != "remainder" and hasattr(v, "to_local") and v.dim() > 0}
             rem = st.get("remainder")
-            tensors["master"] = (zero_sf.spec.join_master(local, rem.to_local().reshape(-1))
+            tensors["master"] = (zero_sf.storage.join_master(local, rem.to_local().reshape(-1))
                                  if rem is not None else local.float())
             yield name, offset[0] * row, local.numel(), tensors
 

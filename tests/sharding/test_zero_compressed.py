@@ -10,7 +10,7 @@ import torch.nn as nn
 import zero_sf
 from tests.distributed import spawn
 from tests.sharding.test_zero import LAYOUT, RMS_KW, SF_KW, _model, _targets
-from zero_sf import spec as S
+from zero_sf import storage
 
 COMPRESSED = dict(state_dtype=torch.bfloat16, master_weights="remainder")
 
@@ -22,7 +22,7 @@ def _cls(name):
 
 def _y32_single(opt, p):
     st = opt.state[p]
-    return (S.join_master(p.detach(), st["remainder"]) if "remainder" in st
+    return (storage.join_master(p.detach(), st["remainder"]) if "remainder" in st
             else p.detach().float())
 
 

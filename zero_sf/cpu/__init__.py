@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..spec import sr_keys
+from ..storage import Stores, sr_keys
 
 __all__ = ["available", "library", "sf_adamw", "rmsprop", "sf_interpolate", "eligible"]
 
@@ -197,7 +197,7 @@ def _groups(rows, key):
 
 
 def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
-    """The state dtype and the stochastic-rounding keys (spec.sr_keys)."""
+    """The state dtype and the stochastic-rounding keys (storage.sr_keys)."""
     args.dt_s = _DTYPES[state_dtype]
     args.sr = int(sr is not None and state_dtype == torch.bfloat16)
     if args.sr:
@@ -205,30 +205,29 @@ def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
     return args
 
 
-def _rows(primary, roles, remainders, index_bases):
+def _rows(primary, roles, store: Stores):
     def at(xs, i):
         return xs[i] if xs is not None else None
-    return [(p.numel(), [at(r, i) for r in roles], at(remainders, i),
-             index_bases[i] if index_bases is not None else 0) for i, p in enumerate(primary)]
+    return [(p.numel(), [at(r, i) for r in roles], st.remainder, st.index_base)
+            for i, p, st in ((i, p, store.at(i)) for i, p in enumerate(primary))]
 
 
-def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2, bias_correction2, eps,
-             weight_decay=0.0, grad_scale=1.0, remainders=None, sr=None,
-             index_bases=None) -> None:
-    rows = _rows(ys, [ys, grads, zs, vs, y_outs], remainders, index_bases)
+def sf_adamw(ys, grads, zs, vs, *, store: Stores, lr, ck, y_coef, beta2, bias_correction2, eps,
+             weight_decay=0.0, grad_scale=1.0) -> None:
+    rows = _rows(ys, [ys, grads, zs, vs, store.outs], store)
     for (dp, dg, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]),
                                                             _dt(r[1][4]), r[1][3].dtype)):
         args = _Args(kind=0, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                      one_minus_beta2=1.0 - beta2, bc2=bias_correction2, eps=eps, wd=weight_decay,
                      scale=grad_scale, has_bc2=bias_correction2 != 1.0, has_wd=weight_decay != 0.0)
-        _run(_compressed(args, ds, sr), group)
+        _run(_compressed(args, ds, store.sr), group)
 
 
-def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs, lr, alpha,
+def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, store: Stores, lr, alpha,
             eps, weight_decay, momentum, centered, bias_correction2, eps_in_sqrt, maximize,
-            grad_scale, remainders=None, sr=None, index_bases=None) -> None:
+            grad_scale) -> None:
     rows = _rows(params, [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
-                          grad_avgs if centered else None, param_outs], remainders, index_bases)
+                          grad_avgs if centered else None, store.outs], store)
     for (dp, dg, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][1]),
                                                             _dt(r[1][5]), r[1][2].dtype)):
         args = _Args(kind=1, dt_p=dp, dt_g=dg, dt_out=do, lr=lr, eps=eps, wd=weight_decay,
@@ -237,11 +236,11 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
                      one_minus_alpha=1.0 - alpha, momentum=momentum, centered=bool(centered),
                      eps_in_sqrt=bool(eps_in_sqrt), maximize=bool(maximize),
                      has_momentum=momentum > 0.0)
-        _run(_compressed(args, ds, sr), group)
+        _run(_compressed(args, ds, store.sr), group)
 
 
-def sf_interpolate(ps, zs, *, weight, p_outs=None, remainders=None) -> None:
-    rows = _rows(ps, [ps, zs, p_outs], remainders, None)
+def sf_interpolate(ps, zs, *, weight, store: Stores) -> None:
+    rows = _rows(ps, [ps, zs, store.outs], store)
     for (dp, do, ds), group in _groups(rows, lambda r: (_dt(r[1][0]), _dt(r[1][2]),
                                                         r[1][1].dtype)):
         _run(_compressed(_Args(kind=2, dt_p=dp, dt_out=do, weight=weight), ds, None), group)

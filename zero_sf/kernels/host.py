@@ -20,6 +20,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..storage import Stores
 from . import triton_kernels as K
 
 # 1024 elements x 4 warps: 8 elements a thread, two 16-byte fp32 vectors.
@@ -151,12 +152,12 @@ def _launch(flat_kernel, multi_kernel, roles: Roles, *, multi_roles: int, compre
 
 
 def _compressed(remainders, sr, index_bases, state_dtype) -> dict:
-    from ..spec import sr_keys
+    from ..storage import sr_keys
 
     has_rem = remainders is not None
     on = sr is not None and state_dtype == torch.bfloat16
     out = dict(HAS_REM=has_rem, SR=on)
-    if on:  # the keys of random streams 0 and 1 (spec.lane_bits)
+    if on:  # the keys of random streams 0 and 1 (storage.lane_bits)
         out.update(bases=list(index_bases), keys=list(sr_keys(sr)))
     return out
 
@@ -192,29 +193,28 @@ def _partition(roles: Roles, out_role: int, state_role: int, rem_role: int):
                 for k, r in enumerate(roles)], index, has_out, sdt)
 
 
-def sf_adamw(ys, grads, zs, vs, *, y_outs, lr, ck, y_coef, beta2,
-             bias_correction2, eps, weight_decay, grad_scale, remainders=None, sr=None,
-             index_bases=None) -> None:
-    for roles, index, has_out, sdt in _partition([ys, grads, zs, vs, y_outs, remainders], 4, 3, 5):
-        bases = [index_bases[i] for i in index] if index_bases is not None else None
+def sf_adamw(ys, grads, zs, vs, *, store: Stores, lr, ck, y_coef, beta2,
+             bias_correction2, eps, weight_decay, grad_scale) -> None:
+    roles_all = [ys, grads, zs, vs, store.outs, store.remainders]
+    for roles, index, has_out, sdt in _partition(roles_all, 4, 3, 5):
+        bases = store.pick(index).index_bases
         _launch(K.sf_adamw_flat_kernel, K.sf_adamw_multi_kernel, roles, multi_roles=5,
-                compressed=_compressed(roles[5], sr, bases, sdt),
+                compressed=_compressed(roles[5], store.sr, bases, sdt),
                 **_floats(lr=lr, ck=ck, y_coef=y_coef, beta2=beta2,
                           bias_correction2=bias_correction2, eps=eps,
                           weight_decay=weight_decay, grad_scale=grad_scale),
                 HAS_WD=weight_decay != 0.0, HAS_YOUT=has_out)
 
 
-def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_outs,
+def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, store: Stores,
             lr, alpha, eps, weight_decay, momentum, centered, bias_correction2,
-            eps_in_sqrt, maximize, grad_scale, remainders=None, sr=None,
-            index_bases=None) -> None:
+            eps_in_sqrt, maximize, grad_scale) -> None:
     roles_all = [params, grads, square_avgs, momentum_buffers if momentum > 0.0 else None,
-                 grad_avgs if centered else None, param_outs, remainders]
+                 grad_avgs if centered else None, store.outs, store.remainders]
     for roles, index, has_out, sdt in _partition(roles_all, 5, 2, 6):
-        bases = [index_bases[i] for i in index] if index_bases is not None else None
+        bases = store.pick(index).index_bases
         _launch(K.rmsprop_flat_kernel, K.rmsprop_multi_kernel, roles, multi_roles=6,
-                compressed=_compressed(roles[6], sr, bases, sdt),
+                compressed=_compressed(roles[6], store.sr, bases, sdt),
                 **_floats(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                           bias_correction2=bias_correction2, momentum=momentum,
                           grad_scale=grad_scale), HAS_WD=weight_decay != 0.0,
@@ -223,12 +223,11 @@ def rmsprop(params, grads, square_avgs, *, momentum_buffers, grad_avgs, param_ou
                 BIAS_CORRECTION=bias_correction2 != 1.0, HAS_POUT=has_out)
 
 
-def sf_interpolate(ps, zs, *, weight, p_outs, remainders=None) -> None:
+def sf_interpolate(ps, zs, *, weight, store: Stores) -> None:
     # Runs once per train()/eval() switch, not per step: one flat launch per
     # tensor is fine here.
     for i, p in enumerate(ps):
-        out = p_outs[i] if p_outs is not None else None
-        rem = remainders[i] if remainders is not None else None
+        out, rem = store.at(i).tensors()
         if p.numel() == 0:
             continue
         K.interpolate_flat_kernel[(triton.cdiv(p.numel(), BLOCK),)](

@@ -33,7 +33,7 @@ def _round(x, ptr):
 
 @triton.jit
 def _mix32(x):
-    # Wellons' lowbias32 on uint32 (wrapping), as spec.mix32
+    # Wellons' lowbias32 on uint32 (wrapping), as storage.mix32
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
@@ -51,7 +51,7 @@ def _index(offs, base_lo, base_hi):
 
 @triton.jit
 def _rand(idx, key):
-    """32 random bits per element (spec.random_bits): mix32(mix32(lo32(idx)
+    """32 random bits per element (storage.random_bits): mix32(mix32(lo32(idx)
     ^ key) ^ hi32(idx)); each state lane takes 16 of them."""
     k = key.to(tl.uint32, bitcast=True)
     return _mix32(_mix32(idx.to(tl.uint32) ^ k) ^ (idx >> 32).to(tl.uint32))
@@ -59,7 +59,7 @@ def _rand(idx, key):
 
 @triton.jit
 def _store_sr(ptr, offs, x, mask, r16):
-    """x (fp32) into a bf16 ptr with stochastic rounding (spec.round_stochastic):
+    """x (fp32) into a bf16 ptr with stochastic rounding (storage.round_stochastic):
     16 random bits added to the dropped bits, then truncated; NaN stays NaN."""
     bits = x.to(tl.uint32, bitcast=True)
     out = ((bits + r16) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -83,7 +83,7 @@ def _store_state(ptr, offs, x, mask, r, HIGH: tl.constexpr, SR: tl.constexpr):
 @triton.jit
 def _load_y(ptr, rem_ptr, offs, mask, HAS_REM: tl.constexpr):
     """The exact fp32 y of a bf16 parameter and its int16 remainder
-    (spec.join_master), or the parameter widened."""
+    (storage.join_master), or the parameter widened."""
     if HAS_REM:
         if mask is None:
             p = tl.load(ptr + offs)
@@ -102,7 +102,7 @@ def _load_y(ptr, rem_ptr, offs, mask, HAS_REM: tl.constexpr):
 
 @triton.jit
 def _store_y(ptr, rem_ptr, offs, y, mask, HAS_REM: tl.constexpr):
-    """y back: split into bf16 parameter + int16 remainder (spec.split_master)."""
+    """y back: split into bf16 parameter + int16 remainder (storage.split_master)."""
     if HAS_REM:
         bits = y.to(tl.uint32, bitcast=True)
         lo = bits & 0xFFFF

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..spec import rms_bias_correction
-from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
+from ..storage import Storage, Stores, check_compression, compression_defaults, state_dtype_for
 from ._base import ElementwiseOptimizer
 from .validation import check_number, host_float
 
@@ -157,8 +157,7 @@ class RMSProp(ElementwiseOptimizer):
                     bias_correction2=(rms_bias_correction(group["alpha"], step)
                                       if group["bias_correction"] else 1.0),
                     eps_in_sqrt=group["eps_in_sqrt"], maximize=group["maximize"],
-                    grad_scale=grad_scale, param_outs=self._outs(ps),
-                    remainders=rems, sr=sr, index_bases=bases,
+                    grad_scale=grad_scale, store=Stores(self._outs(ps), rems, sr, bases),
                     backend=group["backend"])
                 self._mark_written(ps, rems)
         return loss

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ..spec import sf_eval_weight, sf_scalars, sf_train_weight
-from ..storage import Storage, check_compression, compression_defaults, state_dtype_for
+from ..storage import Storage, Stores, check_compression, compression_defaults, state_dtype_for
 from ._base import DTENSOR_SWITCH_HOOKS, ElementwiseOptimizer
 from .validation import check_int, check_number, host_float
 
@@ -168,7 +168,7 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
                 weight = sf_train_weight(beta1) if to_train else sf_eval_weight(beta1)
                 rems = self._remainders(ps, group)
                 dispatch.sf_interpolate(ps, [self.state[p]["z"] for p in ps], weight=weight,
-                                        p_outs=self._outs(ps), remainders=rems,
+                                        store=Stores(outs=self._outs(ps), remainders=rems),
                                         backend=group["backend"])
                 self._mark_written(ps, rems)
                 sharded += [p for p in ps if dispatch.is_dtensor(p)]
@@ -239,8 +239,7 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
                                   y_coef=sc.y_coef, beta2=beta2,
                                   bias_correction2=sc.bias_correction2, eps=group["eps"],
                                   weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                                  y_outs=self._outs(params),
-                                  remainders=rems, sr=sr, index_bases=bases,
+                                  store=Stores(self._outs(params), rems, sr, bases),
                                   backend=group["backend"])
                 self._mark_written(params, rems)
             group.update(k=group["k"] + 1, lr_max=sc.lr_max, weight_sum=sc.weight_sum,

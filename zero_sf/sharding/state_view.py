@@ -19,8 +19,7 @@ from torch import Tensor
 from ..layout import FlatBuffer
 from ..optim._base import ElementwiseOptimizer
 from ..optim.validation import host_float
-from ..spec import join_master, split_master
-from ..storage import KEEP_ON_LOAD, state_dtype_for
+from ..storage import KEEP_ON_LOAD, join_master, split_master, state_dtype_for
 from . import comm
 from .groups import HyperSync, hyper
 from .params import FlatParams
