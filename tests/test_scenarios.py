@@ -42,3 +42,20 @@ def test_scenarios(pool, seeds):
     assert [r["seed"] for r in results] == seeds  # every seed ran, none twice
     failed = [r for r in results if r["failures"]]
     assert not failed, f"{len(failed)} of {len(seeds)} scenarios failed:\n" + report(failed)
+
+
+def test_a_nonfinite_step_after_a_reshard_to_fewer_ranks_is_skipped():
+    """make fuzz's seed 349299553 of the torch pool: a non-finite gradient
+    drawn for rank 1 of a 2-rank job, after the job resumed at 1 rank.  The
+    runner put the inf on the rank that no longer ran, so nothing was
+    skipped while the reference skipped (a runner bug, listed as a
+    library limitation until now); the drawn rank is now taken modulo the
+    running job's size.  Failed before the fix, passes after."""
+    from tests.scenarios.pinned import check, pin
+
+    check(pin("nonfinite after a reshard to 1", engine="zero", world=2, model="llama",
+              dtype="bf16+fp32norms", grouping="decay", data="distinct", stage=1,
+              bucket_numel=300, offload=True, state_dtype="bfloat16", scheduler=True,
+              reshard_to=1,
+              ops=(("train",), ("step", 1, False), ("save",), ("load",), ("nonfinite", 1),
+                   ("eval",))))

@@ -620,7 +620,10 @@ def _run_ops(sc: Scenario, ctx: Ctx, fail: Failures) -> None:
             passes, zero_between = (op[1], op[2]) if kind == "step" else (1, False)
             norm = ref.feed(step, passes, zero_between, world)
             if active:
-                engine.backward(step, passes, zero_between, inf=kind == "nonfinite" and op[1] == rank)
+                # the drawn rank of the job that runs now (a resharded job
+                # may have fewer ranks than the one the op was drawn for)
+                engine.backward(step, passes, zero_between,
+                                inf=kind == "nonfinite" and op[1] % world == rank)
                 engine.step()
             if kind == "nonfinite":
                 if active and not engine.opt.last_step_skipped:
