@@ -72,7 +72,9 @@ MUTANTS = [
      "zero_sf/dispatch.py",
      "store.sr,\n                                   _pick(store.index_bases, keep))",
      "store.sr,\n                                   store.index_bases)",
-     ["tests/test_scenarios.py"]),
+     # the 100 default torch seeds no longer draw the FSDP2 case that caught
+     # it (200 did); the pinned users' configurations do
+     ["tests/integrations/test_fsdp.py", "tests/test_scenarios.py"]),
     ("optim: a user's write keeps the old remainder", "zero_sf/optim/compressed.py",
      "                rem.zero_()\n", "                pass\n",
      ["tests/optim/test_compressed_state.py"]),
