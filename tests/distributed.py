@@ -68,11 +68,8 @@ def _entry(rank, fn, world_size, store, args):
 
 def _serve(rank, world_size, store, tasks, results):
     _init(rank, world_size, store)
-    while True:
-        item = tasks.get()
-        if item is None:
-            break
-        fn, args = item
+    while True:  # until the pool is closed (the process is killed)
+        fn, args = tasks.get()
         try:
             fn(rank, world_size, *args)
             dist.barrier()  # every rank finished this test before the next starts
@@ -82,7 +79,6 @@ def _serve(rank, world_size, store, tasks, results):
             results.join_thread()  # the message is written before the process ends
             _leave(1)
         results.put((rank, None))
-    _leave(0)
 
 
 class RankFailed(Exception):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .storage import LANE_BUF, LANE_GAVG, LANE_SQUARE_AVG, LANE_V, LANE_Z, PLAIN, Store
+from .storage import LANE_BUF, LANE_GAVG, LANE_SQUARE_AVG, LANE_V, LANE_Z, PLAIN, Store, upcast
 
 __all__ = [
     "rms_normalize",
@@ -40,11 +40,6 @@ __all__ = [
     "rms_bias_correction",
     "compute_dtype",
 ]
-
-
-def _upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``; no copy when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(state: Tensor) -> torch.dtype:
@@ -132,7 +127,7 @@ def rmsprop_update(
     ``store``'s business (:class:`zero_sf.storage.Store`).
     """
     cdt = compute_dtype(square_avg)
-    g = _upcast(grad, cdt)
+    g = upcast(grad, cdt)
     if grad_scale != 1.0:
         g = g * grad_scale
     if maximize:
@@ -141,11 +136,11 @@ def rmsprop_update(
     if weight_decay != 0.0:
         g = g.add(p, alpha=weight_decay)
 
-    v = _upcast(square_avg, cdt)
+    v = upcast(square_avg, cdt)
     v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
     if centered:
         assert grad_avg is not None, "centered RMSProp needs grad_avg"
-        gavg = _upcast(grad_avg, cdt)
+        gavg = upcast(grad_avg, cdt)
         gavg.lerp_(g, 1.0 - alpha)
         # Centred second moment: E[g^2] - E[g]^2, both bias-corrected alike.
         avg = v.addcmul(gavg, gavg, value=-1.0)
@@ -162,7 +157,7 @@ def rmsprop_update(
 
     if momentum > 0.0:
         assert momentum_buffer is not None, "momentum needs momentum_buffer"
-        buf = _upcast(momentum_buffer, cdt)
+        buf = upcast(momentum_buffer, cdt)
         buf.mul_(momentum).addcdiv_(g, avg)
         p.add_(buf, alpha=-lr)
         store.store_state(momentum_buffer, buf, LANE_BUF)
@@ -250,11 +245,11 @@ def sf_adamw_update(
     (:class:`zero_sf.storage.Store`).
     """
     cdt = compute_dtype(v)
-    g = _upcast(grad, cdt)
+    g = upcast(grad, cdt)
     if grad_scale != 1.0:
         g = g * grad_scale
     # u = g / (sqrt(v / bc2) + eps): the RMS core, Adam-style.
-    v32, z32 = _upcast(v, cdt), _upcast(z, cdt)
+    v32, z32 = upcast(v, cdt), upcast(z, cdt)
     u = rms_normalize(g, v32, beta2=beta2, eps=eps, bias_correction2=bias_correction2)
     y32 = store.load_y(y, cdt)
     if weight_decay != 0.0:
@@ -290,5 +285,5 @@ def sf_interpolate(p: Tensor, z: Tensor, *, weight: float, store: Store = PLAIN)
     """
     cdt = compute_dtype(z)
     p32 = store.load_y(p, cdt)
-    p32.lerp_(_upcast(z, cdt), weight)
+    p32.lerp_(upcast(z, cdt), weight)
     store.store_y(p, p32)

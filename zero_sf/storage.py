@@ -268,7 +268,8 @@ def join_master(param: Tensor, remainder: Tensor) -> Tensor:
 # kernels' host side and the CPU backend.
 
 
-def _upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
+def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no copy when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -301,7 +302,7 @@ class Store:
         """y in the compute dtype: joined with its remainder (exact), or upcast."""
         if self.remainder is not None:
             return join_master(y, self.remainder)
-        return _upcast(y, dtype)
+        return upcast(y, dtype)
 
     def store_y(self, y: Tensor, y32: Tensor) -> None:
         """Write the updated y32 into ``y`` (and ``out``, and the remainder)."""

@@ -208,8 +208,11 @@ def _compressed(args: _Args, state_dtype: torch.dtype, sr) -> _Args:
 def _rows(primary, roles, store: Stores):
     def at(xs, i):
         return xs[i] if xs is not None else None
-    return [(p.numel(), [at(r, i) for r in roles], st.remainder, st.index_base)
-            for i, p, st in ((i, p, store.at(i)) for i, p in enumerate(primary))]
+    rows = []
+    for i, p in enumerate(primary):
+        st = store.at(i)
+        rows.append((p.numel(), [at(r, i) for r in roles], st.remainder, st.index_base))
+    return rows
 
 
 def sf_adamw(ys, grads, zs, vs, *, store: Stores, lr, ck, y_coef, beta2, bias_correction2, eps,
