@@ -57,10 +57,12 @@ class ReducedGrad(Tensor):
             with DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
         raise RuntimeError(
-            f"ZeroOptimizer(stage=2): {name}() on a parameter's .grad, but that gradient was "
-            "already reduce-scattered into the optimizer's shard and freed (stage 2 keeps no "
-            "full gradients). Clip with ZeroOptimizer(max_norm=...) or "
-            "optimizer.clip_grad_norm_(); read the norm from optimizer.grad_norm; or use stage=1")
+            f"ZeroOptimizer: {name}() on a parameter's .grad, but that gradient was already "
+            "reduce-scattered into the optimizer's shard and freed (stage 2 keeps no full "
+            "gradients; stage 1 with reduce_dtype=torch.float32 sums them in fp32 buffers, "
+            "which a bf16 .grad cannot view). "
+            "Clip with ZeroOptimizer(max_norm=...) or optimizer.clip_grad_norm_(); read the "
+            "norm from optimizer.grad_norm; or use stage=1 without reduce_dtype")
 
 
 def _accumulator_held_elsewhere(p: Tensor) -> bool:
@@ -113,8 +115,12 @@ class _Base:
     hooks: list  # autograd hook handles, removed by remove_hooks()
     def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
                  process_group, device: torch.device,
-                 missing_error: Callable[[list[int]], Exception]) -> None:
+                 missing_error: Callable[[list[int]], Exception], *,
+                 reduce_dtype: Optional[torch.dtype] = None) -> None:
         self.params = params
+        # The dtype gradients are summed in (micro-batches and ranks): a
+        # buffer's own dtype by default, fp32 with reduce_dtype=torch.float32.
+        self.reduce_dtype = reduce_dtype
         self.buffers = buffers
         self.rank = rank
         self.process_group = process_group
@@ -125,6 +131,9 @@ class _Base:
                         for bk, b in enumerate(buf.buckets) for s in b.slots}
         self.arrived: set[int] = set()  # params with a gradient since clear()
         self.reduced = False
+
+    def sum_dtype(self, bi: int) -> torch.dtype:
+        return self.reduce_dtype or self.buffers[bi].dtype
 
     def _raise_missing(self) -> None:
         missing = [i for i in self.slot_of if i not in self.arrived]
@@ -199,17 +208,27 @@ class FullGrads(_Base):
 
 
 class ShardedGrads(_Base):
-    """Stage 2: bucket staging buffers, reduce-scattered from hooks."""
+    """Stage 2: bucket staging buffers, reduce-scattered from hooks.
 
-    def __init__(self, *args, **kwargs) -> None:
+    ``eager=False`` (stage 1 with ``reduce_dtype=torch.float32``): hooks add
+    into full fp32 buffers (Megatron's fp32 ``main_grad``, which ``p.grad``
+    cannot view: autograd keeps ``.grad`` in the parameter's dtype), and
+    ``reduce()`` reduce-scatters every bucket in place, as :class:`FullGrads`."""
+
+    def __init__(self, *args, eager: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.eager = eager
         self.shard: list[Tensor] = []
         self.chunks: list[list[Tensor]] = []
-        for buf in self.buffers:
-            shard = torch.zeros(buf.shard_numel, dtype=buf.dtype, device=self.device)
+        for bi, buf in enumerate(self.buffers):
+            if eager:
+                shard = torch.zeros(buf.shard_numel, dtype=self.sum_dtype(bi), device=self.device)
+                self.chunks.append([shard[o:o + b.chunk]
+                                    for o, b in zip(buf.shard_offsets(), buf.buckets)])
+            else:  # full buffers, every bucket reduce-scattered in place (as FullGrads)
+                shard = torch.zeros(buf.numel, dtype=self.sum_dtype(bi), device=self.device)
+                self.chunks.append([shard[slice(*b.chunk_range(self.rank))] for b in buf.buckets])
             self.shard.append(shard)
-            self.chunks.append([shard[o:o + b.chunk]
-                                for o, b in zip(buf.shard_offsets(), buf.buckets)])
         # One fixed launch order on every rank: the reverse of the layout
         # (backward produces the last layers' gradients first).
         self.order = [(bi, bk) for bi in reversed(range(len(self.buffers)))
@@ -279,8 +298,9 @@ class ShardedGrads(_Base):
         bucket = self.buffers[bi].buckets[bk]
         staging = self.staging.get((bi, bk))
         if staging is None:
-            staging = self.staging[(bi, bk)] = torch.zeros(
-                bucket.numel, dtype=self.buffers[bi].dtype, device=self.device)
+            staging = self.staging[(bi, bk)] = (
+                torch.zeros(bucket.numel, dtype=self.sum_dtype(bi), device=self.device)
+                if self.eager else self.shard[bi][bucket.start:bucket.start + bucket.numel])
         start = offset - bucket.start
         grad = p.grad
         assert grad is not None  # a post-accumulate-grad hook: .grad is set
@@ -288,7 +308,7 @@ class ShardedGrads(_Base):
         p.grad = self.placeholders[i] = _placeholder(p)
         self.arrived.add(i)
         self.seen[(bi, bk)].add(i)
-        while self.seen[self.order[self.next]] >= self.need[self.order[self.next]]:
+        while self.eager and self.seen[self.order[self.next]] >= self.need[self.order[self.next]]:
             self._launch(*self.order[self.next])
             self.next = (self.next + 1) % len(self.order)  # a full pass: next round
 
@@ -351,4 +371,6 @@ class ShardedGrads(_Base):
         self.reduced = False
 
     def held(self) -> list[Tensor]:
+        if not self.eager:  # staging buffers are views of the full buffers
+            return list(self.shard)
         return list(self.shard) + list(self.staging.values()) + [f[3] for f in self.inflight]

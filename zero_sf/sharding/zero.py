@@ -69,6 +69,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             CPU with the fused CPU backend (ZeRO-Offload); the gradient shard
             goes to the host before the update and ``y`` back before the
             all-gather.  Same numbers as without offload.
+        reduce_dtype: ``None`` (default) sums gradients over micro-batches and
+            ranks in each parameter's dtype; ``torch.float32`` sums bf16/fp16
+            gradients in fp32 (Megatron's fp32 ``main_grad`` and
+            ``grad_reduce_in_fp32``): each backward's gradient is added into
+            fp32 buffers, reduce-scattered in fp32, and the update reads the
+            fp32 sum.  Memory: stage 2's gradient shard is 4 B/param/N
+            instead of 2 (and its ~2 staging buckets twice as large); stage
+            1's full gradient 4 B/param instead of 2, and ``p.grad`` then
+            holds a placeholder as in stage 2 (clip with ``max_norm``).
         **defaults: the inner optimizer's hyperparameters.
 
     Gradients are consumed by ``step()``: accumulate over any number of
@@ -84,8 +93,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  stage: int = 2, process_group=None, bucket_numel: int = 1 << 24,
                  align: int = 128, max_norm: Optional[float] = None,
                  offload: Optional[str] = None, master_weights: str = "fp32",
-                 **defaults) -> None:
+                 reduce_dtype: Optional[torch.dtype] = None, **defaults) -> None:
         _check_options(stage, offload, max_norm, master_weights, defaults)
+        if reduce_dtype not in (None, torch.float32):
+            raise ValueError(f"Invalid reduce_dtype value: {reduce_dtype!r} (expected None, "
+                             "to sum gradients in the parameters' dtype, or torch.float32)")
         remainder = master_weights == "remainder"
         if remainder:
             defaults["master_weights"] = "remainder"
@@ -121,9 +133,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
-        grads_cls = ShardedGrads if stage == 2 else FullGrads
-        self.grads = grads_cls(self._params, self.buffers, self.rank, process_group, self.device,
-                               self._missing_grad_error)
+        self.reduce_dtype = reduce_dtype
+        grads_args = (self._params, self.buffers, self.rank, process_group, self.device,
+                      self._missing_grad_error)
+        if stage == 2:
+            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype)
+        elif reduce_dtype is not None and any(b.dtype != reduce_dtype for b in self.buffers):
+            # Stage 1 summing bf16 gradients in fp32: hooks add each backward's
+            # gradient into fp32 buffers (p.grad cannot view them).
+            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype, eager=False)
+        else:
+            self.grads = FullGrads(*grads_args)
         self.staging = None
         if self.offload:
             from .offload import HostStaging
