@@ -136,6 +136,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reduce_dtype = reduce_dtype
         grads_args = (self._params, self.buffers, self.rank, process_group, self.device,
                       self._missing_grad_error)
+        self.grads: FullGrads | ShardedGrads
         if stage == 2:
             self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype)
         elif reduce_dtype is not None and any(b.dtype != reduce_dtype for b in self.buffers):
