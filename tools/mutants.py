@@ -208,6 +208,18 @@ MUTANTS = [
      "zero_sf/integrations/deepspeed_zero3.py",
      "piece = whole[j][rank * size:(rank + 1) * size]", "piece = whole[j][:size]",
      ["tests/integrations/test_deepspeed_zero3.py::test_checkpoint_save_at_2_load_at"]),
+    # -- issue #24: the overlapped parameter all-gather.  (Removing the wait
+    # in ZeroOptimizer.adopt_model_writes alone is an equivalent mutant:
+    # every path behind it -- the sync gather of eval/train and checkpoint
+    # loads, start_gather, model.state_dict()'s hooks -- finishes first too.)
+    ("prefetch: model.state_dict() does not wait for the pending gathers",
+     "zero_sf/sharding/prefetch.py",
+     "    def _finish(self, *_hook_args) -> None:\n        self.weights.finish_gather()",
+     "    def _finish(self, *_hook_args) -> None:\n        pass",
+     ["tests/sharding/test_prefetch.py"]),
+    ("prefetch: a module's forward does not wait for its buckets", "zero_sf/sharding/prefetch.py",
+     "            if self.weights.wait(key):", "            if False:",
+     ["tests/sharding/test_prefetch.py"]),
 ]
 
 

@@ -39,7 +39,7 @@ def reduce_scatter_sum(out: Tensor, inp: Tensor, group, async_op: bool = False):
     return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
-def all_gather(out: Tensor, inp: Tensor, group) -> None:
+def all_gather(out: Tensor, inp: Tensor, group, async_op: bool = False):
     """``out`` = concat of every rank's ``inp``.  ``inp`` may be the rank's own
     slice of ``out`` (in place, as NCCL and gloo both allow).  int16 tensors
     (remainder masters) travel as bf16 bit patterns: neither NCCL nor gloo
@@ -47,10 +47,10 @@ def all_gather(out: Tensor, inp: Tensor, group) -> None:
     if not _active(group):
         if inp.data_ptr() != out.data_ptr():
             out.copy_(inp)
-        return
+        return None
     if out.dtype == torch.int16:
         out, inp = out.view(torch.bfloat16), inp.view(torch.bfloat16)
-    _all_gather(out, inp, group=group)
+    return _all_gather(out, inp, group=group, async_op=async_op)
 
 
 def all_reduce_sum(t: Tensor, group) -> Tensor:

@@ -26,7 +26,8 @@ Call :meth:`FlatParams.adopt_user_writes` with ``force=True``
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -80,6 +81,10 @@ class FlatParams:
                     self.y_chunks.append(self.param_chunks(bi))
         self._ptrs = {i: self._view(i).data_ptr() for i in self.slot_of}
         self.mark_synced()
+        self._group = None
+        self._queue: list[tuple[int, int]] = []  # buckets whose all-gather is not launched
+        self._inflight: dict[tuple[int, int], Any] = {}  # launched, not waited for (a Work)
+        self.timeline: list[tuple[str, tuple[int, int], float]] = []  # (verb, bucket, time)
 
     # ------------------------------------------------------------ geometry
     def param_chunks(self, bi: int) -> list[Tensor]:
@@ -166,7 +171,70 @@ class FlatParams:
     @torch.no_grad()
     def gather(self, process_group) -> None:
         """Every rank's chunks into every rank's flat buffers (the model)."""
+        self.finish_gather()
         for bi, buf in enumerate(self.buffers):
             for b, chunk in zip(buf.buckets, self.param_chunks(bi)):
                 comm.all_gather(self.flat[bi][b.start:b.start + b.numel], chunk, process_group)
         self.mark_synced()
+
+    # The same, asynchronous, bucket by bucket (overlap_param_gather): paired
+    # verbs start_gather / finish_gather, with launch and wait in between.
+    # Launches always follow ``order`` (the same list on every rank), so the
+    # ranks issue the same collectives in the same sequence whatever order
+    # they wait in.
+    def start_gather(self, order: list[tuple[int, int]], process_group) -> None:
+        """Queue every bucket's all-gather, to be launched in ``order``."""
+        self.finish_gather()
+        self._group = process_group
+        self._queue = list(order)
+        self._inflight = {}
+        self.timeline = []
+        self.mark_synced()  # our gathers do not bump the parameters' versions
+
+    @property
+    def gathering(self) -> bool:
+        """Whether some bucket's all-gather is queued or in flight."""
+        return bool(self._queue or self._inflight)
+
+    @torch.no_grad()
+    def launch(self, count: int = 1) -> None:
+        """Launch the next ``count`` queued all-gathers (``async_op``)."""
+        for _ in range(min(count, len(self._queue))):
+            key = self._queue.pop(0)
+            bi, bk = key
+            b = self.buffers[bi].buckets[bk]
+            chunk = self.flat[bi][slice(*b.chunk_range(self.rank))]
+            self._inflight[key] = comm.all_gather(self.flat[bi][b.start:b.start + b.numel],
+                                                  chunk, self._group, async_op=True)
+            self.timeline.append(("launch", key, time.perf_counter()))
+
+    def wait(self, key: tuple[int, int]) -> bool:
+        """Make bucket ``key`` whole (launching the queue up to it first).
+        Returns whether it was still pending.  Raises where the user wrote
+        one of its parameters while its all-gather was in flight (that write
+        was overwritten: it would be lost without a word)."""
+        if key in self._queue:
+            self.launch(self._queue.index(key) + 1)
+        if key not in self._inflight:
+            return False
+        work = self._inflight.pop(key)
+        if work is not None:
+            work.wait()
+        self.timeline.append(("wait", key, time.perf_counter()))
+        bi, bk = key
+        for slot in self.buffers[bi].buckets[bk].slots:
+            if self.params[slot.index]._version != self._versions[slot.index]:
+                raise RuntimeError(
+                    f"ZeroOptimizer(overlap_param_gather=True): parameter #{slot.index} was "
+                    "written after step() while its all-gather was still in flight, so the "
+                    "gather overwrote the write; call optimizer.finish_param_gather() before "
+                    "writing parameters between step() and the next forward")
+        return True
+
+    def finish_gather(self) -> None:
+        """Launch and wait for every pending all-gather, in order."""
+        if not self.gathering:
+            return
+        self.launch(len(self._queue))
+        for key in list(self._inflight):
+            self.wait(key)

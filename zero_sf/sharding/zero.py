@@ -32,7 +32,7 @@ from torch import Tensor
 from ..dispatch import is_dtensor
 from ..layout import build_layout, element_numbering
 from ..optim import ScheduleFreeAdamW
-from . import agreement, comm
+from . import agreement, comm, prefetch
 from .grads import FullGrads, ShardedGrads, ddp_wrapping
 from .groups import HyperSync, hyper
 from .params import FlatParams
@@ -78,6 +78,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
             instead of 2 (and its ~2 staging buckets twice as large); stage
             1's full gradient 4 B/param instead of 2, and ``p.grad`` then
             holds a placeholder as in stage 2 (clip with ``max_norm``).
+        overlap_param_gather: ``step()`` only *starts* the all-gather of the
+            updated weights, bucket by bucket; forward pre-hooks on ``model``'s
+            modules wait for each module's buckets and launch the next, so
+            the gather overlaps the next forward (Megatron's
+            ``--overlap-param-gather``).  Same numbers as without it.  Reading
+            a parameter between ``step()`` and the next forward outside
+            ``model`` (a weight norm for logging) needs
+            :meth:`finish_param_gather` first; ``model.state_dict()``, the
+            optimizer's ``eval``/``train`` and checkpoints wait by themselves
+            (:mod:`zero_sf.sharding.prefetch`).
+        model: the ``nn.Module`` whose forward uses the parameters (with
+            ``overlap_param_gather=True`` only; every trainable parameter must
+            be one of its modules' own).
         **defaults: the inner optimizer's hyperparameters.
 
     Gradients are consumed by ``step()``: accumulate over any number of
@@ -93,7 +106,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  stage: int = 2, process_group=None, bucket_numel: int = 1 << 24,
                  align: int = 128, max_norm: Optional[float] = None,
                  offload: Optional[str] = None, master_weights: str = "fp32",
-                 reduce_dtype: Optional[torch.dtype] = None, **defaults) -> None:
+                 reduce_dtype: Optional[torch.dtype] = None, overlap_param_gather: bool = False,
+                 model: Optional[torch.nn.Module] = None, **defaults) -> None:
         _check_options(stage, offload, max_norm, master_weights, defaults)
         if reduce_dtype not in (None, torch.float32):
             raise ValueError(f"Invalid reduce_dtype value: {reduce_dtype!r} (expected None, "
@@ -130,6 +144,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.buffers = build_layout(
             self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel,
             align=align)
+        self.prefetch = prefetch.make(overlap_param_gather, model, self.buffers, self._params,
+                                      process_group, self._param_label)
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
@@ -157,6 +173,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             hyper=self.hyper, rank=self.rank, process_group=process_group, device=self.device,
             master_weights=master_weights, adopt_model_writes=self.adopt_model_writes)
         self._bind_chunks()
+        if self.prefetch is not None:
+            self.prefetch.attach(self.weights)
 
     def _build_inner(self, optimizer_class: type, defaults: dict[str, Any]):
         """The inner optimizer: one param group per outer group, holding
@@ -312,7 +330,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def adopt_model_writes(self) -> None:
         """Bring weights the user wrote since our last write into the master
         (called by step, eval/train and checkpoints)."""
+        self.weights.finish_gather()
         self._forget_remainders(self.weights.adopt_user_writes())
+
+    def finish_param_gather(self) -> None:
+        """With ``overlap_param_gather=True``: wait for every bucket's
+        all-gather that ``step()`` started (the model's forward does this
+        module by module); call it before reading or writing parameters
+        between ``step()`` and the next forward.  A no-op otherwise."""
+        self.weights.finish_gather()
 
     def _forget_remainders(self, changed: list[int]) -> None:
         """Parameters the user wrote restart from the written bf16 values:
@@ -336,6 +362,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         master), for writes the optimizer cannot see: ``p.data.copy_(...)``.
         Writes through the parameter (``load_state_dict``, ``nn.init``,
         ``p.copy_``) and ``p.data = ...`` are picked up automatically."""
+        self.weights.finish_gather()
         self._forget_remainders(self.weights.adopt_user_writes(force=True))
 
     def _agreement(self) -> dict[str, str]:
@@ -411,7 +438,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.inner.step(grad_scale=grad_scale)
             if self.staging is not None:
                 self.staging.outs_to_device()
-            self.weights.gather(self.process_group)
+            if self.prefetch is not None:  # the model's forward waits, bucket by bucket
+                self.prefetch.start()
+            else:
+                self.weights.gather(self.process_group)
             self.hyper.pull()
         self._user_changed.clear()
         self.zero_grad()
@@ -459,6 +489,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The unsharded state dict of ``optimizer_class`` for these params,
         on every rank (collective).  ``zero_sf.ScheduleFreeAdamW`` (and
         ``schedulefree.AdamWScheduleFree``) load it directly."""
+        self.weights.finish_gather()
         return self.sharded_state.consolidated_state_dict()
 
     def state_dict(self) -> dict[str, Any]:
