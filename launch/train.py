@@ -89,6 +89,13 @@ def parse(argv=None):
     ap.add_argument("--resume", default=None,
                     help="checkpoint to resume from: a --save directory (its newest complete "
                          "version) or one version directory inside it, at any world size")
+    ap.add_argument("--shard-size", default=None,
+                    help="zero-*: hierarchical sharding: state sharded over groups of K ranks, "
+                         "replicated across them ('local': LOCAL_WORLD_SIZE, one node)")
+    ap.add_argument("--overlap-param-gather", action="store_true",
+                    help="zero-*: all-gather the updated weights during the next forward")
+    ap.add_argument("--reduce-dtype", choices=["fp32"], default=None,
+                    help="zero-*: sum bf16 gradients in fp32 (default: in the model's dtype)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     check_args(ap, args)
@@ -120,6 +127,12 @@ def check_args(ap, args) -> None:
             ap.error(f"--save {args.save} already holds a checkpoint that this run does not "
                      "resume from; saving would replace it. Pass --resume "
                      f"{args.save} to continue it, another --save directory, or --overwrite")
+    zero_flags = (args.shard_size, args.overlap_param_gather, args.reduce_dtype)
+    if any(zero_flags) and not sharded:
+        ap.error("--shard-size/--overlap-param-gather/--reduce-dtype: ZeroOptimizer options; "
+                 f"use --optimizer zero-sf or zero-rmsprop, not {args.optimizer}")
+    if args.shard_size not in (None, "local") and not str(args.shard_size).isdigit():
+        ap.error(f"--shard-size {args.shard_size}: expected a number of ranks or 'local'")
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected at least 1")
     if args.optimizer == "adamw" and (args.state_dtype or args.master_weights != "fp32"):
@@ -168,9 +181,25 @@ def compression(args, sharded: bool) -> dict:
     return kw
 
 
+def zero_options(args, model) -> dict:
+    """ZeroOptimizer's scale keywords from the flags (none by default)."""
+    kw: dict = {}
+    if args.shard_size is not None:
+        size = (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.shard_size == "local"
+                else int(args.shard_size))
+        kw["shard_group"], kw["replicate_group"] = zero_sf.hierarchical_groups(size)
+    if args.overlap_param_gather:
+        kw.update(overlap_param_gather=True, model=model)
+    if args.reduce_dtype == "fp32":
+        kw["reduce_dtype"] = torch.float32
+    return kw
+
+
 def build_optimizer(args, model, world):
     lr = args.lr
     ckw = compression(args, args.optimizer.startswith("zero-"))
+    if args.optimizer.startswith("zero-"):
+        ckw.update(zero_options(args, model))
     if args.optimizer == "zero-sf":
         return zero_sf.ZeroScheduleFreeAdamW(model.parameters(), stage=args.stage,
                                              lr=lr or 3e-3, warmup_steps=args.warmup,

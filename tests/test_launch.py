@@ -74,6 +74,8 @@ def _no_training(monkeypatch):
     (["--fsdp", "--optimizer", "zero-sf"], "--fsdp shards the model itself"),
     (["--optimizer", "adamw", "--state-dtype", "bf16"], "zero_sf optimizers only"),
     (["--master-weights", "remainder", "--dtype", "fp32"], "needs a bf16 model"),
+    (["--optimizer", "sf", "--shard-size", "2"], "ZeroOptimizer options"),
+    (["--shard-size", "two"], "expected a number of ranks or 'local'"),
 ])
 def test_argument_mistakes_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
     train = _no_training(monkeypatch)
@@ -113,6 +115,17 @@ def test_resume_steps_and_overwrite(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="at step 5, and --steps 5 is the total"):
         train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "5", "--resume", ckpt])
     train.main(TINY + ["--optimizer", "zero-rmsprop", "--steps", "1", "--save", ckpt, "--overwrite"])
+
+
+def test_scale_flags_give_the_flat_jobs_numbers(tmp_path):
+    """--shard-size 1 (state replicated, gradients all-reduced), the
+    overlapped gather and fp32 reduction on a fp32 model: at 2 ranks every
+    sum has two addends, so the losses are the flat job's, bit for bit."""
+    argv = TINY + ["--dtype", "fp32", "--steps", "4", "--log-every", "1"]
+    flat = _run(2, argv, tmp_path, "flat")
+    scaled = _run(2, argv + ["--shard-size", "1", "--overlap-param-gather", "--reduce-dtype",
+                             "fp32"], tmp_path, "scaled")
+    assert len(flat["train"]) == 4 and flat["train"] == scaled["train"]
 
 
 def test_fsdp2_job_trains_and_resumes_at_another_world_size(tmp_path):

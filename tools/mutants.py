@@ -220,6 +220,15 @@ MUTANTS = [
     ("prefetch: a module's forward does not wait for its buckets", "zero_sf/sharding/prefetch.py",
      "            if self.weights.wait(key):", "            if False:",
      ["tests/sharding/test_prefetch.py"]),
+    # -- issue #24: hierarchical sharding
+    ("topology: the replicas' all-reduce of the shard skipped", "zero_sf/sharding/grads.py",
+     "        if self.replicate_group is not None:\n            comm.all_reduce_sum(chunk, self.replicate_group)",
+     "        pass",
+     ["tests/sharding/test_hierarchical.py"]),
+    ("topology: every replica adds its shard's squares to the norm", "zero_sf/sharding/zero.py",
+     "        if self._replica_rank == 0:  # the other replicas hold the same shards",
+     "        if True:",
+     ["tests/sharding/test_hierarchical.py"]),
 ]
 
 

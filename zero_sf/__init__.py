@@ -12,12 +12,13 @@ from .export import export
 from .integrations import deepspeed as _deepspeed_glue  # noqa: F401
 from .integrations import fsdp as _fsdp_glue  # noqa: F401
 from .optim import RMSProp, ScheduleFreeAdamW
-from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW
+from .sharding import ZeroOptimizer, ZeroScheduleFreeAdamW, hierarchical_groups
 
 __version__ = "0.1.0"
 
 __all__ = ["RMSProp", "ScheduleFreeAdamW", "ZeroOptimizer", "ZeroScheduleFreeAdamW", "save", "load",
            "CheckpointError", "eval_mode", "export", "dispatch", "functional", "spec",
+           "hierarchical_groups",
            "__version__"]
 
 # The checkpoint functions import torch.distributed.checkpoint, which costs

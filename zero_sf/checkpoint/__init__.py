@@ -66,7 +66,7 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, keep: int = 2
     view.adopt_model_writes()  # weights written since the last step are what we save
 
     def prepare():
-        return versions.new_name(path) if optimizer.rank == 0 else None
+        return versions.new_name(path) if optimizer.dp_rank == 0 else None
 
     version = comm.all_gather_objects(agree(group, f"creating checkpoint directory {path!r}",
                                              prepare), group)[0]
@@ -85,7 +85,7 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, keep: int = 2
     model_items = sorted((k, v) for k, v in sd["model"].items() if torch.is_tensor(v))
     mine = {k: crc(v) for k, v in pieces.items()}
     mine.update({f"model.{k}": crc(v) for i, (k, v) in enumerate(model_items)
-                 if i % optimizer.world_size == optimizer.rank})
+                 if i % optimizer.dp_size == optimizer.dp_rank})
     meta["crc32"] = {k: v for part in comm.all_gather_objects(mine, group) for k, v in part.items()}
     sd.update(meta_tensors(meta))
     agree(group, f"saving checkpoint {target!r}",
@@ -93,7 +93,7 @@ def save(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, keep: int = 2
                            process_group=group))
 
     def commit():
-        if optimizer.rank == 0:
+        if optimizer.dp_rank == 0:
             versions.commit(path, version, keep)
 
     agree(group, f"committing checkpoint {target!r}", commit)
@@ -110,7 +110,7 @@ def load(path: str, model: nn.Module, optimizer: ZeroOptimizer, *, fallback: boo
     raises ValueError.  Either way nothing has changed when it raises."""
     group = optimizer.process_group
     found = agree(group, f"finding a checkpoint in {path!r}",
-                   lambda: versions.candidates(path) if optimizer.rank == 0 else None,
+                   lambda: versions.candidates(path) if optimizer.dp_rank == 0 else None,
                    passthrough=(FileNotFoundError,))
     candidates = comm.all_gather_objects(found, group)[0]
     failures = []

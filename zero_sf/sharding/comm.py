@@ -78,3 +78,17 @@ def all_gather_objects(obj: Any, group) -> list[Any]:
 def barrier(group) -> None:
     if _active(group):
         dist.barrier(group=group)
+
+
+def group_ranks(group) -> list[int]:
+    """The global ranks of ``group`` (the world when None), in group order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0]
+    pg = group if group is not None else dist.group.WORLD
+    return dist.get_process_group_ranks(pg)
+
+
+def new_group(ranks: list[int]):
+    """A process group of these global ranks (collective over the world:
+    every rank calls it for every group, in the same order)."""
+    return dist.new_group(ranks=ranks)

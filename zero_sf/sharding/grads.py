@@ -116,8 +116,11 @@ class _Base:
     def __init__(self, params: list[Tensor], buffers: list[FlatBuffer], rank: int,
                  process_group, device: torch.device,
                  missing_error: Callable[[list[int]], Exception], *,
-                 reduce_dtype: Optional[torch.dtype] = None) -> None:
+                 reduce_dtype: Optional[torch.dtype] = None, replicate_group=None) -> None:
         self.params = params
+        # Hierarchical sharding: each reduce-scattered chunk is then summed
+        # over the replicas of this shard (None: no replicas).
+        self.replicate_group = replicate_group
         # The dtype gradients are summed in (micro-batches and ranks): a
         # buffer's own dtype by default, fp32 with reduce_dtype=torch.float32.
         self.reduce_dtype = reduce_dtype
@@ -131,6 +134,11 @@ class _Base:
                         for bk, b in enumerate(buf.buckets) for s in b.slots}
         self.arrived: set[int] = set()  # params with a gradient since clear()
         self.reduced = False
+
+    def sum_replicas(self, chunk: Tensor) -> None:
+        """The reduce-scattered ``chunk`` summed over the other shard groups."""
+        if self.replicate_group is not None:
+            comm.all_reduce_sum(chunk, self.replicate_group)
 
     def sum_dtype(self, bi: int) -> torch.dtype:
         return self.reduce_dtype or self.buffers[bi].dtype
@@ -195,6 +203,9 @@ class FullGrads(_Base):
         for w in works:
             if w is not None:
                 w.wait()
+        for chunks in self.chunks:
+            for chunk in chunks:
+                self.sum_replicas(chunk)
         self.reduced = True
 
     def clear(self) -> None:
@@ -331,6 +342,7 @@ class ShardedGrads(_Base):
         for work, out, chunk, _staging in self.inflight[:n]:
             if work is not None:
                 work.wait()
+            self.sum_replicas(out)
             if out is not chunk:
                 chunk.add_(out)
         del self.inflight[:n]

@@ -43,11 +43,12 @@ class ParamPrefetch:
     """Forward pre-hooks that wait for each module's buckets and prefetch the next."""
 
     def __init__(self, buffers: list[FlatBuffer], model: nn.Module, params: list, process_group,
-                 label) -> None:
+                 gather_group, label) -> None:
         """Checks that a hook can wait for every parameter (raises before
         anything changes); :meth:`attach` registers the hooks."""
         self.model = model
-        self.process_group = process_group
+        self.process_group = process_group  # every rank agrees on the order
+        self.gather_group = gather_group  # the all-gathers' (the shard group)
         index = {id(p): i for i, p in enumerate(params)}
         slot_of = {s.index: (bi, bk) for bi, buf in enumerate(buffers)
                    for bk, b in enumerate(buf.buckets) for s in b.slots}
@@ -108,7 +109,7 @@ class ParamPrefetch:
         """After the update: queue every bucket, launch the first."""
         self._agree_or_warn()
         self.recorded, self._touched = [], set()
-        self.weights.start_gather(self.order, self.process_group)
+        self.weights.start_gather(self.order, self.gather_group)
         self.weights.launch(1)
 
     def _agree_or_warn(self) -> None:
@@ -136,7 +137,7 @@ class ParamPrefetch:
 
 
 def make(overlap: bool, model: Optional[nn.Module], buffers: list[FlatBuffer], params: list,
-         process_group, label) -> Optional[ParamPrefetch]:
+         process_group, gather_group, label) -> Optional[ParamPrefetch]:
     """The prefetcher for ``overlap_param_gather``, or None without it."""
     if not overlap:
         if model is not None:
@@ -149,4 +150,4 @@ def make(overlap: bool, model: Optional[nn.Module], buffers: list[FlatBuffer], p
             "uses the parameters>, to wait for each bucket's all-gather before the module "
             f"runs; got model={type(model).__name__}: pass ZeroOptimizer(model.parameters(), "
             "..., overlap_param_gather=True, model=model)")
-    return ParamPrefetch(buffers, model, params, process_group, label)
+    return ParamPrefetch(buffers, model, params, process_group, gather_group, label)

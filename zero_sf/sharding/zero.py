@@ -32,7 +32,7 @@ from torch import Tensor
 from ..dispatch import is_dtensor
 from ..layout import build_layout, element_numbering
 from ..optim import ScheduleFreeAdamW
-from . import agreement, comm, prefetch
+from . import agreement, comm, prefetch, topology
 from .grads import FullGrads, ShardedGrads, ddp_wrapping
 from .groups import HyperSync, hyper
 from .params import FlatParams
@@ -88,6 +88,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             :meth:`finish_param_gather` first; ``model.state_dict()``, the
             optimizer's ``eval``/``train`` and checkpoints wait by themselves
             (:mod:`zero_sf.sharding.prefetch`).
+        shard_group, replicate_group: hierarchical sharding (HSDP; ZeRO++'s
+            hpZ for the optimizer state): the state and master shards live
+            within ``shard_group`` (e.g. one node's GPUs); gradients are
+            reduce-scattered within it, then all-reduced over
+            ``replicate_group`` (only the shard: 1/S of the bytes cross
+            nodes); parameters are all-gathered within it.  Both or neither;
+            ``zero_sf.hierarchical_groups(shard_size)`` builds them.
+            ``process_group`` stays the whole data-parallel group.
         model: the ``nn.Module`` whose forward uses the parameters (with
             ``overlap_param_gather=True`` only; every trainable parameter must
             be one of its modules' own).
@@ -107,7 +115,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  align: int = 128, max_norm: Optional[float] = None,
                  offload: Optional[str] = None, master_weights: str = "fp32",
                  reduce_dtype: Optional[torch.dtype] = None, overlap_param_gather: bool = False,
-                 model: Optional[torch.nn.Module] = None, **defaults) -> None:
+                 model: Optional[torch.nn.Module] = None, shard_group=None,
+                 replicate_group=None, **defaults) -> None:
         _check_options(stage, offload, max_norm, master_weights, defaults)
         if reduce_dtype not in (None, torch.float32):
             raise ValueError(f"Invalid reduce_dtype value: {reduce_dtype!r} (expected None, "
@@ -116,6 +125,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if remainder:
             defaults["master_weights"] = "remainder"
         _check_process_group(process_group)
+        topology.check_hierarchy(process_group, shard_group, replicate_group)
         # The inner class validates the hyperparameters and supplies its defaults.
         dummy = torch.zeros(1, dtype=torch.bfloat16 if remainder else torch.float32)
         full_defaults = optimizer_class([dummy], **defaults).defaults
@@ -124,9 +134,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._constructed = True
         self.optimizer_class = optimizer_class
         self.stage = stage
+        # The data-parallel group (every rank: agreement, the norm, checkpoints),
+        # and the group the state is sharded over (the layout, reduce-scatter,
+        # all-gather): the same unless hierarchical (docs/design.md §3).
         self.process_group = process_group
+        self.shard_group = shard_group if shard_group is not None else process_group
+        self.replicate_group = replicate_group
         self.max_norm = max_norm
-        self.world_size, self.rank = comm.world(process_group)
+        self.dp_size, self.dp_rank = comm.world(process_group)
+        self.world_size, self.rank = comm.world(self.shard_group)
+        # One replica's ranks contribute the squared norm of the (replicated) shards.
+        self._replica_rank = comm.world(replicate_group)[1] if replicate_group is not None else 0
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._clip_coef: Optional[float] = None
@@ -145,22 +163,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel,
             align=align)
         self.prefetch = prefetch.make(overlap_param_gather, model, self.buffers, self._params,
-                                      process_group, self._param_label)
+                                      process_group, self.shard_group, self._param_label)
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
         self.reduce_dtype = reduce_dtype
-        grads_args = (self._params, self.buffers, self.rank, process_group, self.device,
+        grads_args = (self._params, self.buffers, self.rank, self.shard_group, self.device,
                       self._missing_grad_error)
         self.grads: FullGrads | ShardedGrads
         if stage == 2:
-            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype)
+            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype,
+                                      replicate_group=replicate_group)
         elif reduce_dtype is not None and any(b.dtype != reduce_dtype for b in self.buffers):
             # Stage 1 summing bf16 gradients in fp32: hooks add each backward's
             # gradient into fp32 buffers (p.grad cannot view them).
-            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype, eager=False)
+            self.grads = ShardedGrads(*grads_args, reduce_dtype=reduce_dtype, eager=False,
+                                      replicate_group=replicate_group)
         else:
-            self.grads = FullGrads(*grads_args)
+            self.grads = FullGrads(*grads_args, replicate_group=replicate_group)
         self.staging = None
         if self.offload:
             from .offload import HostStaging
@@ -170,7 +190,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.hyper = HyperSync(self.param_groups, self.inner.param_groups)
         self.sharded_state = ShardedState(
             params=self._params, buffers=self.buffers, weights=self.weights, inner=self.inner,
-            hyper=self.hyper, rank=self.rank, process_group=process_group, device=self.device,
+            hyper=self.hyper, rank=self.rank, process_group=self.shard_group, device=self.device,
             master_weights=master_weights, adopt_model_writes=self.adopt_model_writes)
         self._bind_chunks()
         if self.prefetch is not None:
@@ -384,20 +404,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         the same all-reduce."""
         self.grads.reduce()
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for chunks in self.grads.chunks:
-            for g in chunks:
-                sq += g.float().pow(2).sum()
+        if self._replica_rank == 0:  # the other replicas hold the same shards
+            for chunks in self.grads.chunks:
+                for g in chunks:
+                    sq += g.float().pow(2).sum()
         mine = self._agreement()
         vec = torch.tensor([0.0] + agreement.terms(mine), dtype=torch.float64, device=self.device)
         vec[0] = sq
         comm.all_reduce_sum(vec, self.process_group)
         sums = vec.tolist()
-        if agreement.ranks_differ(sums[1:], self.world_size):
+        if agreement.ranks_differ(sums[1:], self.dp_size):
             agreement.check_same(
                 mine, self.process_group,
                 "set learning rates, step schedulers and load weights on every rank alike",
                 "at step()")
-        return math.sqrt(sums[0]) / self.world_size
+        return math.sqrt(sums[0]) / self.dp_size
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the global gradient 2-norm to ``max_norm`` in the next step;
@@ -432,7 +453,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.last_step_skipped:  # every rank sees the same all-reduced norm
             self.skipped_steps += 1
         else:
-            grad_scale = (self._clip_coef or 1.0) / self.world_size
+            grad_scale = (self._clip_coef or 1.0) / self.dp_size
             if self.staging is not None:
                 self.staging.grads_to_host()
             self.inner.step(grad_scale=grad_scale)
@@ -441,7 +462,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.prefetch is not None:  # the model's forward waits, bucket by bucket
                 self.prefetch.start()
             else:
-                self.weights.gather(self.process_group)
+                self.weights.gather(self.shard_group)
             self.hyper.pull()
         self._user_changed.clear()
         self.zero_grad()
@@ -472,7 +493,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # writes no staging copy where it changes nothing (no z yet, the
             # mode it already had), so they may be stale or uninitialized.
             self.weights.master_to_model()
-        self.weights.gather(self.process_group)
+        self.weights.gather(self.shard_group)
         self.hyper.pull()
 
     def eval(self) -> None:
