@@ -128,8 +128,8 @@ MUTANTS = [
      'by_step.setdefault(int(self.state[params[0]]["step"]), []).append(p)',
      ["tests/optim/test_rmsprop.py"]),
     # -- sharding: tested against single processes fed the averaged gradients
-    ("sharding: grad_scale without 1/world_size", "zero_sf/sharding/zero.py",
-     "grad_scale = (self._clip_coef or 1.0) / self.world_size",
+    ("sharding: grad_scale without 1/dp_size", "zero_sf/sharding/zero.py",
+     "grad_scale = (self._clip_coef or 1.0) / self.dp_size",
      "grad_scale = (self._clip_coef or 1.0)",
      ["tests/sharding/test_zero.py::test_matches_single_process"]),
     ("sharding: stage 1 leaves the last bucket unreduced", "zero_sf/sharding/grads.py",
