@@ -146,3 +146,19 @@ def test_invalid_sizes_raise(bad):
     kw = {**dict(world_size=2, bucket_numel=8, align=4), **bad}
     with pytest.raises(ValueError, match="invalid layout sizes"):
         build_layout([[(0, 3, "bf16")]], **kw)
+
+
+@pytest.mark.parametrize("world_size", [1, 8, 1024, 1025, 4096, 16384])
+def test_default_bucket_numel_keeps_padding_and_messages_in_bounds(world_size):
+    """From first principles: a bucket pads by less than world_size * align
+    elements, and each rank's message is bucket / world_size elements."""
+    from zero_sf.layout import default_bucket_numel
+    n = default_bucket_numel(world_size)
+    assert n >= 1 << 24 and (n == 1 << 24) == (world_size <= 1024)
+    assert world_size * 128 / n < 0.008  # padding bound at the default align
+    assert n // world_size >= 1 << 14  # >= 32 KB bf16 per rank and collective
+    # and the real layout of a bucket-sized parameter list obeys the bound
+    bufs = build_layout([[(0, n - 1, "bf16"), (1, 3, "bf16")]], world_size=world_size,
+                        bucket_numel=n, align=128)
+    padded = sum(b.numel for b in bufs[0].buckets)
+    assert (padded - (n + 2)) / padded < 0.008

@@ -107,6 +107,20 @@ class FlatBuffer:
         return out
 
 
+def default_bucket_numel(world_size: int) -> int:
+    """``bucket_numel``'s default: 2**24 elements, and at least 2**14 per rank.
+
+    A bucket pads to a multiple of ``world_size * align``, so its padding is
+    below ``world_size * align / bucket_numel``, and each rank's message is
+    ``bucket_numel / world_size`` elements.  A fixed 2**24 gives, at 16,384
+    ranks and align 128, up to 12.5 % padding and 1,024-element (2 KB)
+    messages: latency-bound.  With >= 2**14 elements per rank the padding
+    stays below 128 / 2**14 = 0.8 % and every message >= 32 KB (bf16) at any
+    world size; up to 1,024 ranks the default is 2**24 as before
+    (benchmarks/scale_model.py, README "Capacity planning")."""
+    return max(1 << 24, world_size << 14)
+
+
 def build_layout(groups: Sequence[Sequence[tuple[int, int, Any]]], *, world_size: int,
                  bucket_numel: int, align: int) -> list[FlatBuffer]:
     """``groups[g]`` lists (param index, numel, dtype) in order.

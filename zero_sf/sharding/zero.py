@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import is_dtensor
-from ..layout import build_layout, element_numbering
+from ..layout import build_layout, default_bucket_numel, element_numbering
 from ..optim import ScheduleFreeAdamW
 from . import agreement, comm, prefetch, topology
 from .grads import FullGrads, ShardedGrads, ddp_wrapping
@@ -52,7 +52,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         stage: 1 (full gradients kept, reduce-scattered at ``step()``) or 2
             (reduce-scattered bucket by bucket during backward).
         process_group: data-parallel group (default: the world).
-        bucket_numel: elements per bucket (stage 2's unit of overlap).
+        bucket_numel: elements per bucket (stage 2's unit of overlap); by
+            default 2**24, or 2**14 per data-parallel rank where that is more
+            (``zero_sf.layout.default_bucket_numel``: padding < 0.8 %, and
+            fewer latency-bound collectives at thousands of ranks).
         align: each rank's chunk of a bucket is a multiple of this many elements.
         max_norm: if set, gradients are clipped to this global 2-norm in every
             step (or call :meth:`clip_grad_norm_` yourself before ``step()``).
@@ -111,7 +114,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, optimizer_class: type = ScheduleFreeAdamW, *,
-                 stage: int = 2, process_group=None, bucket_numel: int = 1 << 24,
+                 stage: int = 2, process_group=None, bucket_numel: Optional[int] = None,
                  align: int = 128, max_norm: Optional[float] = None,
                  offload: Optional[str] = None, master_weights: str = "fp32",
                  reduce_dtype: Optional[torch.dtype] = None, overlap_param_gather: bool = False,
@@ -160,7 +163,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if remainder:
             self._check_bf16()
         self.buffers = build_layout(
-            self._trainable_by_group(), world_size=self.world_size, bucket_numel=bucket_numel,
+            self._trainable_by_group(), world_size=self.world_size,
+            bucket_numel=(default_bucket_numel(self.dp_size) if bucket_numel is None
+                          else bucket_numel),
             align=align)
         self.prefetch = prefetch.make(overlap_param_gather, model, self.buffers, self._params,
                                       process_group, self.shard_group, self._param_label)
