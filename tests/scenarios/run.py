@@ -328,8 +328,16 @@ class Zero(Engine):
         self.opt = zero_sf.ZeroOptimizer(
             groups, cls, stage=sc.stage, process_group=self.group, bucket_numel=sc.bucket_numel,
             align=sc.align, max_norm=sc.max_norm, offload="cpu" if sc.offload else None,
-            master_weights=sc.master_weights, **kw, **_storage(sc))
+            master_weights=sc.master_weights, **kw, **_storage(sc),
+            **(dict(overlap_param_gather=True, model=self.model) if sc.overlap else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule) if sc.scheduler else None
+
+    def values(self) -> list[torch.Tensor]:
+        # Reads outside a forward wait first, as users must (README); the
+        # next op then finds the gathers done (tests/sharding/test_prefetch.py
+        # covers reads and writes while they are pending).
+        self.opt.finish_param_gather()
+        return super().values()
 
     def step(self) -> None:
         self.opt.step()
@@ -706,7 +714,8 @@ def _run_misuse(sc: Scenario, ctx: Ctx, fail: Failures) -> None:
                 if op[0] in ("train", "eval"):
                     engine.switch(op[0])
                     continue
-                before = ([p.detach().clone() for _, p in engine.named],
+                # values(): reads outside a forward wait for an overlapped gather
+                before = ([v.clone() for v in engine.values()],
                           copy.deepcopy(engine.opt.state_dict()) if sc.engine == "single" else None)
                 if op[0] == "step":
                     engine.backward(step, op[1], op[2])
@@ -721,7 +730,7 @@ def _run_misuse(sc: Scenario, ctx: Ctx, fail: Failures) -> None:
                     if rank == 0:
                         engine.model.load_state_dict(
                             M.to_dtype(M.build(sc.model, sc.seed + 7919), sc.dtype).state_dict())
-                        before = ([p.detach().clone() for _, p in engine.named], None)
+                        before = ([v.clone() for v in engine.values()], None)
                 elif op[0] == "foreign_state":  # another run's AdamW, same model
                     copies = [p.detach().clone().requires_grad_() for _, p in engine.named
                               if p.requires_grad]
@@ -739,8 +748,8 @@ def _run_misuse(sc: Scenario, ctx: Ctx, fail: Failures) -> None:
         fail.append(f"expected {sc.expect!r}, got {type(raised).__name__}: {str(raised)[:300]}")
         return
     if sc.ops and before is not None:
-        for (name, p), b in zip(engine.named, before[0]):
-            if not torch.equal(p.detach(), b):
+        for (name, _), v, b in zip(engine.named, engine.values(), before[0]):
+            if not torch.equal(v, b):
                 fail.append(f"{name} changed although {kind} was raised")
         if before[1] is not None and repr(engine.opt.state_dict()) != repr(before[1]):
             fail.append("the optimizer's state changed although the load was refused")
