@@ -211,11 +211,19 @@ MUTANTS = [
     # -- issue #24: the overlapped parameter all-gather.  (Removing the wait
     # in ZeroOptimizer.adopt_model_writes alone is an equivalent mutant:
     # every path behind it -- the sync gather of eval/train and checkpoint
-    # loads, start_gather, model.state_dict()'s hooks -- finishes first too.)
+    # loads, start_gather, model.state_dict()'s hooks -- finishes first too.
+    # eval()/train() are safe even with finish_gather a no-op: their own
+    # synchronous gather rewrites every bucket after the pending ones, on
+    # the same group; the save and model.state_dict() are not.)
     ("prefetch: model.state_dict() does not wait for the pending gathers",
      "zero_sf/sharding/prefetch.py",
      "    def _finish(self, *_hook_args) -> None:\n        self.weights.finish_gather()",
      "    def _finish(self, *_hook_args) -> None:\n        pass",
+     ["tests/sharding/test_prefetch.py"]),
+    ("params: the pending gathers not waited for before eval/save (finish_gather a no-op)",
+     "zero_sf/sharding/params.py",
+     "        if not self.gathering:\n            return\n        self.launch(len(self._queue))",
+     "        return",
      ["tests/sharding/test_prefetch.py"]),
     ("prefetch: a module's forward does not wait for its buckets", "zero_sf/sharding/prefetch.py",
      "            if self.weights.wait(key):", "            if False:",

@@ -62,8 +62,8 @@ class ParamPrefetch:
         found: set[int] = set()
         for module in model.modules():
             keys: list[Key] = []
-            for p in module._parameters.values():
-                i = index.get(id(p)) if p is not None else None
+            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                i = index.get(id(p))
                 if i is not None and i in slot_of:
                     found.add(i)
                     if slot_of[i] not in keys:
@@ -89,10 +89,10 @@ class ParamPrefetch:
             self.hooks.append(module.register_forward_pre_hook(
                 lambda _m, _args, keys=keys: self._before_forward(keys)))
             self.hooks.append(module.register_state_dict_pre_hook(self._finish))
-            self.hooks.append(module.register_load_state_dict_pre_hook(self._finish))
+            self.hooks.append(_load_pre_hook(module, self._finish))
         # model.state_dict() at the root enters its own pre-hook first
         self.hooks.append(model.register_state_dict_pre_hook(self._finish))
-        self.hooks.append(model.register_load_state_dict_pre_hook(self._finish))
+        self.hooks.append(_load_pre_hook(model, self._finish))
 
     def _finish(self, *_hook_args) -> None:
         self.weights.finish_gather()
@@ -134,6 +134,15 @@ class ParamPrefetch:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def _load_pre_hook(module: nn.Module, hook):
+    """``register_load_state_dict_pre_hook`` (public since torch 2.5; the
+    private form before, which takes the module with ``with_module``)."""
+    public = getattr(module, "register_load_state_dict_pre_hook", None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 def make(overlap: bool, model: Optional[nn.Module], buffers: list[FlatBuffer], params: list,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -169,6 +170,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             align=align)
         self.prefetch = prefetch.make(overlap_param_gather, model, self.buffers, self._params,
                                       process_group, self.shard_group, self._param_label)
+        self._released = False
+        self._take_over()
         self.offload = offload == "cpu"
         self.weights = FlatParams(self._params, self.buffers, self.rank, process_group, self.device,
                                   offload=self.offload, master=not remainder)
@@ -200,6 +203,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._bind_chunks()
         if self.prefetch is not None:
             self.prefetch.attach(self.weights)
+
+    def _take_over(self) -> None:
+        """A newer ZeroOptimizer on these parameters replaces the older one
+        (after unfreezing, or to change the layout): the older one's hooks
+        would otherwise keep consuming the gradients (stage 2: crashing in
+        backward on its own placeholders) and its step would update buffers
+        the model no longer views.  The older one raises from then on."""
+        for p in self._params:
+            owner = getattr(p, "_zero_sf_optimizer", None)
+            previous = owner() if owner is not None else None
+            if previous is not None and previous is not self:
+                previous._release()
+            p._zero_sf_optimizer = weakref.ref(self)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self.weights.finish_gather()  # the model whole before the new one copies it
+        self.grads.clear()
+        self.grads.remove_hooks()
+        if self.prefetch is not None:
+            self.prefetch.remove()
+        self._released = True
+
+    def _check_not_released(self) -> None:
+        if self._released:
+            raise RuntimeError(
+                "ZeroOptimizer: these parameters were taken over by a newer ZeroOptimizer built "
+                "on them, so this one no longer sees their gradients nor writes the model; use "
+                "the newer optimizer (or save with this one before building the next)")
 
     def _build_inner(self, optimizer_class: type, defaults: dict[str, Any]):
         """The inner optimizer: one param group per outer group, holding
@@ -355,6 +388,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def adopt_model_writes(self) -> None:
         """Bring weights the user wrote since our last write into the master
         (called by step, eval/train and checkpoints)."""
+        self._check_not_released()
         self.weights.finish_gather()
         self._forget_remainders(self.weights.adopt_user_writes())
 
@@ -441,6 +475,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None  # type: ignore[override]
              ) -> Optional[float]:  # (torch's overloads; one signature here)
+        self._check_not_released()
         self._check_frozen()
         self.hyper.push()
         self.inner.check_step_allowed(type(self).__name__)
@@ -486,6 +521,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.inner.in_train_mode()
 
     def _switch(self, mode: str) -> None:
+        self._check_not_released()
         fn = getattr(self.inner, mode, None)
         if fn is None:  # optimizers without y/x modes (RMSProp)
             return
