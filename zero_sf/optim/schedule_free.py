@@ -66,6 +66,20 @@ class ScheduleFreeAdamW(ElementwiseOptimizer):
     :class:`zero_sf.ZeroOptimizer`, or ``master_weights="remainder"``).
     ``foreach`` is accepted and ignored.
 
+    Args (schedulefree's, with its defaults):
+        lr: peak learning rate (after warmup).
+        betas: ``(beta1, beta2)``: beta1 is the interpolation between z and
+            x that gives y (``y = (1 - beta1) z + beta1 x``), beta2 the
+            second-moment decay.
+        eps: added to the RMS of the gradient, as in Adam.
+        weight_decay: decoupled, evaluated at y (as schedulefree does).
+        warmup_steps: linear warmup of the learning rate over this many steps.
+        r: the iterate averaging's polynomial power (0: uniform weights).
+        weight_lr_power: the averaging weights scale with ``lr_max **
+            weight_lr_power``.
+        backend: ``"auto"`` (Triton on CUDA, the fused CPU backend on CPU),
+            ``"torch"`` (the spec), ``"cpu"`` or ``"triton"``.
+
     Compressed state (docs/design.md §11; defaults change nothing):
 
     * ``state_dtype``: ``torch.float32`` or ``torch.bfloat16`` for ``z`` and
