@@ -27,6 +27,9 @@ def test_check_passes_on_this_machine_and_says_what_it_skipped(tmp_path):
     status = {line["check"]: line["status"] for line in report["checks"]}
     kernels = [k for k in status if k.startswith("kernel ")]
     assert len(kernels) == len(check.kernel_cases()) and all(status[k] == "PASS" for k in kernels)
+    cpu = [k for k in status if k.startswith("cpu backend ")]  # what runs on CPU and offload
+    assert len(cpu) == len(check.kernel_cases()) and all(status[k] == "PASS" for k in cpu)
+    assert "step bandwidth (CPU: the fused CPU backend, no threshold)" in status
     assert status["ZeroOptimizer step, world size 1 (gloo) == ScheduleFreeAdamW"] == "PASS"
     assert status["kernels on GPU == interpreter, bit for bit"] == "SKIP"
     assert report["environment"]["torch"] == torch.__version__
@@ -44,3 +47,22 @@ def test_check_fails_when_a_kernel_disagrees_with_the_spec(monkeypatch):
     cases = [c for c in check.kernel_cases() if c[0].startswith("sf_adamw")][:2]
     check.check_kernels(report, torch.device("cpu"), cases)
     assert [line["status"] for line in report.lines] == ["FAIL", "FAIL", "SKIP"], report.lines
+
+
+def test_cpu_backend_check_fails_on_disagreement_and_on_a_silent_fallback(monkeypatch):
+    """Test of the check: the same eps mutation makes the CPU backend's
+    lines FAIL; a backend that never runs (every tensor refused, the torch
+    fallback answering) FAILs too instead of passing as 'cpu backend'."""
+    from zero_sf import cpu
+    cases = [c for c in check.kernel_cases() if c[0].startswith("sf_adamw")][:2]
+    real = spec.sf_adamw_update
+    with monkeypatch.context() as m:
+        m.setattr(spec, "sf_adamw_update", lambda *a, eps, **kw: real(*a, eps=eps * 10, **kw))
+        report = check.Report()
+        check.check_cpu_backend(report, cases)
+        assert [line["status"] for line in report.lines] == ["FAIL", "FAIL"], report.lines
+    monkeypatch.setattr(cpu, "eligible", lambda *a, **k: False)
+    report = check.Report()
+    check.check_cpu_backend(report, cases)
+    assert [line["status"] for line in report.lines] == ["FAIL", "FAIL"], report.lines
+    assert "fell back to the torch path" in report.lines[0]["detail"]
