@@ -75,22 +75,29 @@ def write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
-def spawn_gloo(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) on world_size CPU processes over gloo."""
+def spawn_gloo(fn, world_size: int, *args):
+    """Run fn(rank, world_size, *args) on world_size CPU processes over gloo;
+    returns what rank 0's call returned (it must be JSON-serializable)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloo_entry, args=(fn, world_size, os.path.join(tmp, "store"), args),
-                 nprocs=world_size, join=True)
+        mp.spawn(_gloo_entry, args=(fn, world_size, tmp, args), nprocs=world_size, join=True)
+        with open(os.path.join(tmp, "result.json")) as f:
+            return json.load(f)
 
 
-def _gloo_entry(rank, fn, world_size, store, args):
+def _gloo_entry(rank, fn, world_size, tmp, args):
     import torch.distributed as dist
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
+                            rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            with open(os.path.join(tmp, "result.json"), "w") as f:
+                json.dump(result, f)
     finally:
         dist.destroy_process_group()
+

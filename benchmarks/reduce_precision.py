@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import zero_sf  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import environment, spawn_gloo  # noqa: E402
 from launch.gpt import GPT, batch, corpus  # noqa: E402
 
 
@@ -51,9 +49,7 @@ def _loss(model, data, rank, mb):
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def _worker(rank, world, port, micro, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+def _worker(rank, world, micro):
     data = corpus()
     ref_model = _model()
     exact = [torch.zeros(p.numel(), dtype=torch.float64) for p in ref_model.parameters()]
@@ -102,16 +98,8 @@ def _worker(rank, world, port, micro, out):
                              max_error_over_max_gradient=(maxes[0] / maxes[1]).item(),
                              grad_bytes_per_param=gb.item() / n_params, params=n_params))
             opt.zero_grad()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(rows, f)
-    dist.destroy_process_group()
+    return rows
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -123,11 +111,7 @@ def main():
     args = ap.parse_args()
     rows = []
     for world in args.world_sizes:
-        tmp = f"{args.out}.{world}.tmp"
-        mp.spawn(_worker, args=(world, _port(), args.micro, tmp), nprocs=world)
-        with open(tmp) as f:
-            rows += json.load(f)
-        os.remove(tmp)
+        rows += spawn_gloo(_worker, world, args.micro)
     result = {"benchmark": "reduce_precision", "environment": environment(torch.device("cpu")),
               "rows": rows}
     with open(args.out, "w") as f:

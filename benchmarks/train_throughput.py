@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import zero_sf  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import environment, spawn_gloo  # noqa: E402
 from launch.gpt import GPT, batch, corpus  # noqa: E402
 
 SETUPS = ["ddp", "zero2", "zero2_overlap"]
@@ -54,9 +52,7 @@ def _build(setup, args):
                                         **kw, **extra)
 
 
-def _worker(rank, world, port, args, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+def _worker(rank, world, args):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     data = corpus()
     built = {s: _build(s, args) for s in SETUPS}
@@ -81,16 +77,8 @@ def _worker(rank, world, port, args, out):
             steps(s, args.steps)
             dist.barrier()
             rates[s].append(args.steps * args.batch * args.seq * world / (time.perf_counter() - t0))
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(rates, f)
-    dist.destroy_process_group()
+    return rates
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -108,11 +96,7 @@ def main():
                          "(25 MB, 2**24 elements) cut a model of a few hundred M")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput_cpu.json"))
     args = ap.parse_args()
-    tmp = args.out + ".tmp"
-    mp.spawn(_worker, args=(2, _port(), args, tmp), nprocs=2)
-    with open(tmp) as f:
-        rates = json.load(f)
-    os.remove(tmp)
+    rates = spawn_gloo(_worker, 2, args)
     median = {s: statistics.median(r) for s, r in rates.items()}
     n_params = sum(p.numel() for p in GPT(dim=args.dim, layers=args.layers,
                                          heads=max(1, args.dim // 64), seq=args.seq).parameters())

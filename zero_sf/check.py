@@ -235,6 +235,26 @@ def _compare(out, ref, rtol) -> tuple[bool, str]:
     return True, f"largest difference {worst:.2f}x the tolerance (rtol {rtol:g})"
 
 
+def _against_spec(report: Report, name: str, passed: str, run, device, backend: str, rtol,
+                  ran: Callable[[], bool] = lambda: True):
+    """One case on ``backend`` and on the spec: a PASS/FAIL line named
+    ``passed`` (``name`` when it crashed or ``ran()`` says it did not run
+    where asked).  Returns the backend's outputs, or None."""
+    try:
+        out = run(device, backend)
+        ref = run(device, "torch")
+    except Exception as e:  # noqa: BLE001 - a crash is a FAIL line
+        report.add("FAIL", name, f"{type(e).__name__}: {e}")
+        return None
+    if not ran():
+        report.add("FAIL", name, f"the case fell back to the torch path: the {backend} "
+                   "backend never ran")
+        return None
+    ok, detail = _compare(out, ref, rtol)
+    report.add("PASS" if ok else "FAIL", passed, detail)
+    return out
+
+
 def check_kernels(report: Report, device: torch.device, cases=None) -> None:
     try:
         import triton  # noqa: F401
@@ -243,17 +263,12 @@ def check_kernels(report: Report, device: torch.device, cases=None) -> None:
         return
     cases = kernel_cases() if cases is None else cases
     gpu_outs = {}
+    where = "GPU" if device.type == "cuda" else "interpreter"
     for name, run, rtol in cases:
-        try:
-            out = run(device, "triton")
-            ref = run(device, "torch")
-        except Exception as e:  # noqa: BLE001 - a crash is a FAIL line
-            report.add("FAIL", f"kernel {name}", f"{type(e).__name__}: {e}")
-            continue
-        ok, detail = _compare(out, ref, rtol)
-        where = "GPU" if device.type == "cuda" else "interpreter"
-        report.add("PASS" if ok else "FAIL", f"kernel {name} ({where}) vs spec", detail)
-        gpu_outs[name] = [t.cpu() for t in out]
+        out = _against_spec(report, f"kernel {name}", f"kernel {name} ({where}) vs spec", run,
+                            device, "triton", rtol)
+        if out is not None:
+            gpu_outs[name] = [t.cpu() for t in out]
     if device.type != "cuda":
         report.add("SKIP", "kernels on GPU == interpreter, bit for bit", "no CUDA device")
         return
@@ -279,8 +294,7 @@ def check_kernels(report: Report, device: torch.device, cases=None) -> None:
 def check_cpu_backend(report: Report, cases=None) -> None:
     """The fused CPU backend (what runs on CPU tensors by default, and under
     ``offload="cpu"``) against the spec, case by case."""
-    from .dispatch import _cpu_backend
-    backend = _cpu_backend()
+    from . import cpu as backend  # lazy: builds or loads the C library
     if not backend.available():
         report.add("SKIP", "fused CPU backend vs spec",
                    f"the backend is not available here ({backend.unavailable_reason()}); "
@@ -288,30 +302,12 @@ def check_cpu_backend(report: Report, cases=None) -> None:
         return
     cases = kernel_cases() if cases is None else cases
     cpu = torch.device("cpu")
-    calls = [0]
-    real_run = backend._run
-
-    def counting_run(*args, **kwargs):  # proves the case ran in C, not on the fallback
-        calls[0] += 1
-        return real_run(*args, **kwargs)
-
     for name, run, rtol in cases:
-        calls[0] = 0
-        backend._run = counting_run
-        try:
-            out = run(cpu, "cpu")
-            ref = run(cpu, "torch")
-        except Exception as e:  # noqa: BLE001 - a crash is a FAIL line
-            report.add("FAIL", f"cpu backend {name}", f"{type(e).__name__}: {e}")
-            continue
-        finally:
-            backend._run = real_run
-        if calls[0] == 0:
-            report.add("FAIL", f"cpu backend {name}", "the case fell back to the torch path: "
-                       "the fused CPU backend never ran")
-            continue
-        ok, detail = _compare(out, ref, rtol)
-        report.add("PASS" if ok else "FAIL", f"cpu backend {name} vs spec", detail)
+        def ran(before: int = backend.calls()) -> bool:  # in C, not on the fallback
+            return backend.calls() > before
+
+        _against_spec(report, f"cpu backend {name}", f"cpu backend {name} vs spec", run, cpu,
+                      "cpu", rtol, ran=ran)
 
 
 def _interpret_to(path: str) -> int:

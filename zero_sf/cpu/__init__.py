@@ -171,12 +171,23 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+_CALLS = [0]  # C calls made in this process; read through calls()
+
+
+def calls() -> int:
+    """How many fused C calls this process has made: the self-check reads it
+    before and after a case to prove the case ran here and did not fall back
+    to the torch path."""
+    return _CALLS[0]
+
+
 def _run(args: _Args, rows: list[tuple]) -> None:
     """rows: (n, [tensors by role], remainder, index base) with equal dtypes
     per role; one C call."""
     rows = [r for r in rows if r[0] > 0]
     if not rows:
         return
+    _CALLS[0] += 1
     tasks = (_Task * len(rows))()
     for task, (n, ts, rem, base) in zip(tasks, rows):
         task.n = n
