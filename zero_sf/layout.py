@@ -117,7 +117,7 @@ def default_bucket_numel(world_size: int) -> int:
     messages: latency-bound.  With >= 2**14 elements per rank the padding
     stays below 128 / 2**14 = 0.8 % and every message >= 32 KB (bf16) at any
     world size; up to 1,024 ranks the default is 2**24 as before
-    (benchmarks/scale_model.py, README "Capacity planning")."""
+    (benchmarks/scale_model.py, docs/measurements.md "Capacity planning")."""
     return max(1 << 24, world_size << 14)
 
 

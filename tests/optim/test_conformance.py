@@ -11,7 +11,7 @@ tensor lr == float lr, hooks (step, state_dict, load_state_dict, pre and
 post), deterministic state-dict and pickle round trips, loading older state
 dicts, params without gradients left alone, schedulers, closures.
 
-Documented exclusions (README "Limitations"): complex parameters (refused
+Documented exclusions (docs/limitations.md): complex parameters (refused
 with a ValueError that says to use ``torch.view_as_real``),
 ``differentiable=True`` and ``capturable=True`` (refused), sparse gradients
 (refused), ``fused`` (no such argument: the fused kernel is ``backend``).
