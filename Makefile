@@ -6,14 +6,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
+CORE   := $(VENV)/.zero_sf-core
 STAMP  := $(VENV)/.zero_sf-installed
 
-.PHONY: setup lint test test-all demo bench mutants fuzz compile-all check dist-check clean
+.PHONY: setup lint test test-all demo bench mutants fuzz compile-all check gpu-report dist-check clean
 
-$(STAMP): pyproject.toml Makefile
+# What the demo needs: torch and zero_sf alone (about 1 minute; no Triton,
+# DeepSpeed or transformers, which are 2.3 GB the CPU demo never imports).
+$(CORE): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+# Everything the tests, benchmarks and lint use.
+$(STAMP): $(CORE)
 	$(PY) -m pip install -q -e ".[test,bench,deepspeed,integrations,lint]"
 	touch $(STAMP)
 
@@ -38,7 +46,7 @@ test-all: $(STAMP)
 
 # The main job: 2 CPU ranks (gloo) train a small GPT with ZeRO-2 Schedule-Free
 # AdamW and save a sharded checkpoint; then 1 rank resumes it and continues.
-demo: $(STAMP)
+demo: $(CORE)
 	rm -rf runs/demo
 	$(VENV)/bin/torchrun --nproc_per_node=2 launch/train.py --steps 300 --save runs/demo
 	$(VENV)/bin/torchrun --nproc_per_node=1 launch/train.py --steps 340 --batch 32 --eval-every 40 --resume runs/demo
@@ -78,6 +86,14 @@ compile-all: $(STAMP)
 # spec, a ZeroOptimizer step, bandwidth.  On CPU it runs what it can.
 check: $(STAMP)
 	$(PY) -m zero_sf.check
+
+# On a machine with a GPU (torch, Triton and pytest installed; no registry or
+# DeepSpeed needed): the kernel tests compiled on the GPU, the self-check and
+# the step benchmark, one JSON under benchmarks/results/ (tools/gpu_report.py;
+# under 5 minutes).  Uses the machine's python, not .venv.
+GPU_PYTHON ?= python3
+gpu-report:
+	$(GPU_PYTHON) tools/gpu_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--load", type=int, default=0,
                     help="start this many busy processes (a CPU-bound loop each) for the "
                          "duration: the step's robustness when other work shares the cores")
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="measure only these of the methods this device has")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.sizes:
@@ -191,7 +193,12 @@ def main() -> None:
         sizes = [s for s in (2**20, 2**22, 2**24, 2**26, 2**28, 2**30) if s * 150 < free / 2]
     else:
         sizes = [2**20, 2**22, 2**24, 2**26]
-    methods = ["copy", "zero_sf_torch", "schedulefree_foreach", "torch_adamw_fused"]
+    import importlib.util
+    methods = ["copy", "zero_sf_torch", "torch_adamw_fused"]
+    if importlib.util.find_spec("schedulefree"):  # not on every GPU machine
+        methods.insert(2, "schedulefree_foreach")
+    else:
+        print("schedulefree_foreach: not measured (pip install schedulefree)")
     if device.type == "cuda" and F.triton_available():
         methods[1:1] = ["zero_sf_triton", "zero_sf_triton_compressed"]
     if device.type == "cpu":
@@ -200,12 +207,16 @@ def main() -> None:
             methods[1:1] = ["zero_sf_cpu", "zero_sf_cpu_compressed"]
         else:
             print(f"zero_sf_cpu: not measured ({zcpu.unavailable_reason()})")
-        import importlib.util
         for name, method in (("deepspeed", "deepspeed_cpu_adam"), ("heavyball", "heavyball_sfadamw")):
             if importlib.util.find_spec(name):
                 methods.append(method)
             else:
                 print(f"{method}: not measured (pip install {name})")
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - set(MIN_BYTES))
+        if unknown:
+            ap.error(f"unknown methods {unknown}; expected some of {sorted(MIN_BYTES)}")
+        methods = [m for m in methods if m in args.methods]
     env = environment(device)
     env["competing_busy_processes"] = args.load
     load = [_busy() for _ in range(args.load)]

@@ -3,7 +3,12 @@ import os
 
 # The Triton kernels run on CPU tensors under the interpreter; the variable
 # must be set before triton.jit decorates them (at zero_sf.kernels import).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# ZERO_SF_TEST_DEVICE=cuda (make gpu-report) runs tests/kernels on the GPU,
+# compiled, with the interpreter off.
+if os.environ.get("ZERO_SF_TEST_DEVICE", "cpu") == "cuda":
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

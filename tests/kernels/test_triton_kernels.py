@@ -1,16 +1,62 @@
 """Fused Triton kernels == the spec (zero_sf.spec), run under TRITON_INTERPRET=1
-on CPU (conftest sets it).  fp32 state within 1e-6 relative; low-precision
+on CPU (conftest sets it), or compiled on a GPU with ZERO_SF_TEST_DEVICE=cuda
+(``make gpu-report``: each kernel call runs on device copies of its tensors,
+written back, so the checks below are the same code on both).  fp32 state within 1e-6 relative; low-precision
 outputs equal to the rounding of the kernel's own fp32 value, bit for bit
 (the kernels round bf16 to nearest even by hand, so the interpreter's
 truncating cast does not apply)."""
 
+import os
+
 import pytest
 import torch
 
-from zero_sf import functional as F
+from zero_sf import functional as _F
 from zero_sf import spec
 
-pytestmark = pytest.mark.skipif(not F.triton_available(), reason="triton not installed")
+pytestmark = pytest.mark.skipif(not _F.triton_available(), reason="triton not installed")
+
+DEVICE = torch.device("cuda") if os.environ.get("ZERO_SF_TEST_DEVICE") == "cuda" else None
+
+
+def on_device(fn, *args, device=DEVICE, **kwargs):
+    """``fn(*args, **kwargs)`` with every tensor (and list of tensors) copied
+    to ``device`` and the results copied back in place; the call itself when
+    ``device`` is None (CPU tensors under the interpreter)."""
+    if device is None:
+        return fn(*args, **kwargs)
+    pairs = []
+
+    def move(a):
+        if isinstance(a, torch.Tensor):
+            pairs.append((a, a.to(device, copy=True)))
+            return pairs[-1][1]
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+            return [move(t) if t is not None else None for t in a]
+        return a
+
+    out = fn(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+    for host, dev in pairs:
+        host.copy_(dev)
+    return out
+
+
+class F:
+    """The fused entry points, run where DEVICE says."""
+    triton_available = staticmethod(_F.triton_available)
+    resolve_backend = staticmethod(_F.resolve_backend)
+
+    @staticmethod
+    def sf_adamw(*args, **kwargs):
+        return on_device(_F.sf_adamw, *args, **kwargs)
+
+    @staticmethod
+    def sf_interpolate(*args, **kwargs):
+        return on_device(_F.sf_interpolate, *args, **kwargs)
+
+    @staticmethod
+    def rmsprop(*args, **kwargs):
+        return on_device(_F.rmsprop, *args, **kwargs)
 
 SIZES = [1, 127, 128, 1000, 65537, 200_003]
 LOW = [torch.bfloat16, torch.float16]
@@ -216,3 +262,20 @@ def test_chunk_table_sends_only_aligned_whole_blocks_down_the_unmasked_path():
     grads = [torch.zeros(2 * B + 1)[1:], torch.zeros(B + 5), torch.zeros(B)]
     assert chunks([ts[:2] + [torch.zeros(B)], grads, None]) == {
         True: [(1, 0), (2, 0)], False: [(0, 0), (0, B), (1, B)]}
+
+
+def test_device_copies_write_results_back():
+    """The GPU run's harness (on_device) gives what the direct call gives:
+    exercised here with CPU copies."""
+    gen = torch.Generator().manual_seed(5)
+    y, z, v, scale = _sf_state(300, torch.float32, gen)
+    g = _grad(scale, gen, torch.bfloat16)
+    out = torch.empty(300, dtype=torch.bfloat16)
+    copies = [t.clone() for t in (y, z, v, out)]
+    kw = dict(lr=1e-2, ck=0.25, y_coef=-5e-3, beta2=0.99, bias_correction2=0.5, eps=1e-8)
+    _F.sf_adamw([y], [g], [z], [v], y_outs=[out], backend="triton", **kw)
+    on_device(_F.sf_adamw, [copies[0]], [g], [copies[1]], [copies[2]], y_outs=[copies[3]],
+              backend="triton", device=torch.device("cpu"), **kw)
+    for a, b in zip((y, z, v, out), copies):
+        assert torch.equal(a, b)
+    assert not torch.equal(y, _sf_state(300, torch.float32, torch.Generator().manual_seed(5))[0])

@@ -1,0 +1,79 @@
+"""tools/gpu_report.py (``make gpu-report``): the script a GPU machine runs
+once, so it must work the first time.  Here (no GPU) its plumbing runs as a
+CPU dry run: the kernel tests under the interpreter, the step benchmark with
+the fused CPU backend standing in for Triton."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools import gpu_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_junit_summary_counts_and_names_the_failures(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="1" skipped="1">'
+        '<testcase classname="tests.k" name="a"/>'
+        '<testcase classname="tests.k" name="b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.k" name="c"><error message="y"/></testcase>'
+        '<testcase classname="tests.k" name="d"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    s = gpu_report.junit_summary(str(xml))
+    assert (s["tests"], s["passed"], s["failures"], s["errors"], s["skipped"]) == (4, 1, 1, 1, 1)
+    assert s["failing"] == ["tests.k::b", "tests.k::c"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the report for real")
+def test_refuses_without_a_gpu_and_writes_nothing(tmp_path, capsys):
+    assert gpu_report.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_timeout_kills_the_whole_process_group():
+    """A part that runs out of its share is recorded as a timeout, and what
+    it started (a compiler, say) does not outlive it."""
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print(c.pid, flush=True); time.sleep(60)")
+    r = gpu_report._run([sys.executable, "-c", code], dict(os.environ), timeout=3)
+    assert r["returncode"] == "timeout" and r["seconds"] < 30
+    grandchild = int(r["output_tail"].split()[0])
+    try:
+        os.kill(grandchild, 0)
+        with open(f"/proc/{grandchild}/stat") as f:
+            alive = f.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive, "the part's child survived its timeout"
+
+
+def test_cpu_dry_run_writes_one_report(tmp_path):
+    """End to end: one JSON with the versions, the kernel tests' counts, and
+    the step benchmark's figures; a part that fails makes the exit status 1."""
+    cmd = [sys.executable, "tools/gpu_report.py", "--allow-cpu", "--out", str(tmp_path),
+           "--parts", "kernel_tests", "step_benchmark", "--select", "rounding",
+           "--sizes", "65536", "--repeats", "2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [name] = os.listdir(tmp_path)
+    assert name.startswith("gpu_report_cpu_dry_run_")
+    with open(tmp_path / name) as f:
+        r = json.load(f)
+    assert r["kind"].startswith("CPU dry run") and r["torch"] == torch.__version__
+    assert r["kernel_tests"]["passed"] == 1 and r["kernel_tests"]["failing"] == []
+    sizes = r["step_benchmark"]["results"]["sizes"]
+    assert [row["numel"] for row in sizes] == [65536]
+    for method in ("copy", "zero_sf_cpu", "zero_sf_cpu_compressed", "torch_adamw_fused"):
+        assert sizes[0][method]["seconds"] > 0, method
+    # a selection that matches no test is a failed part, not a pass
+    p = subprocess.run(cmd[:-6] + ["--parts", "kernel_tests", "--select", "no_such_test"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
