@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make dist-check`: build the sdist and the wheel, check that the sdist holds
 # every tracked file (so its tests run), install the wheel into a fresh venv
-# (torch first, pinned as in the Makefile) and take one step with the fused
-# CPU backend from it, outside the source tree.
+# (torch first, pinned as in the Makefile), take one step with the fused CPU
+# backend from it, outside the source tree, and run the self-check there.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 TORCH=${TORCH:-torch==2.13.0}
@@ -33,3 +33,14 @@ opt.step()
 assert torch.all(p < 1), "no step taken"
 print(f"dist-check: wheel installed at {zero_sf.__file__}; one fused CPU step ran")
 PY
+# The self-check from the wheel (no Triton there): the fused CPU backend's
+# cases must run and pass, and what could not run must say so.
+"$out/venv/bin/python" -m zero_sf.check --seconds 0.5 > "$out/check.txt" || {
+    cat "$out/check.txt"; echo "dist-check: the self-check failed from the wheel"; exit 1; }
+passed=$(grep -c '^PASS  cpu backend' "$out/check.txt" || true)
+cases=$("$out/venv/bin/python" -c 'from zero_sf import check; print(len(check.kernel_cases()))')
+if [ "$passed" -ne "$cases" ]; then
+    cat "$out/check.txt"; echo "dist-check: $passed of $cases CPU-backend cases passed"; exit 1
+fi
+echo "dist-check: self-check from the wheel: $(tail -1 "$out/check.txt") ($passed CPU-backend cases)"
+grep '^SKIP' "$out/check.txt" || true
