@@ -237,3 +237,57 @@ def test_the_self_check_sample_lists_every_case():
         assert f"PASS  cpu backend {name} vs spec" in sample, name
     kernel_lines = re.findall(r"^PASS  (?:kernel|cpu backend) ", sample, re.M)
     assert len(kernel_lines) == 2 * len(names)
+
+
+# --------------------------------------------------------------------------
+# Links
+# --------------------------------------------------------------------------
+
+LINKED = DOCS + ["CONTRIBUTING.md", "CHANGELOG.md"]
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(root: str, files: list[str]) -> list[str]:
+    """Relative links (and #anchors) in these markdown files that point
+    nowhere."""
+    texts = {}
+    for rel in files:
+        with open(os.path.join(root, rel)) as f:
+            texts[rel] = _FENCE.sub("", f.read())
+    bad = []
+    for rel in files:
+        for link in re.findall(r"\]\(([^)\s]+)\)", texts[rel]):
+            if re.match(r"[a-z]+://", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(rel), path)) if path else rel
+            if not os.path.exists(os.path.join(root, target)):
+                bad.append(f"{rel}: {link} (no such file)")
+            elif anchor and target.endswith(".md"):
+                if target not in texts:
+                    with open(os.path.join(root, target)) as f:
+                        texts[target] = _FENCE.sub("", f.read())
+                heads = {_slug(h) for h in re.findall(r"^#+ (.*)$", texts[target], re.M)}
+                if anchor not in heads:
+                    bad.append(f"{rel}: {link} (no such heading)")
+    return bad
+
+
+def test_every_relative_link_resolves():
+    assert broken_links(ROOT, LINKED) == []
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# Title\n\n## Sharded (`ZeroOptimizer`)\n")
+    (tmp_path / "README.md").write_text(
+        "[ok](docs/a.md#sharded-zerooptimizer) [gone](docs/b.md) [bad](docs/a.md#nope)\n"
+        "```\n[in a fence](docs/c.md)\n```\n")
+    assert broken_links(str(tmp_path), ["README.md"]) == [
+        "README.md: docs/b.md (no such file)", "README.md: docs/a.md#nope (no such heading)"]
