@@ -100,4 +100,3 @@ def _gloo_entry(rank, fn, world_size, tmp, args):
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
-

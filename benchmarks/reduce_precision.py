@@ -101,7 +101,6 @@ def _worker(rank, world, micro):
     return rows
 
 
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

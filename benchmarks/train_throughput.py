@@ -80,7 +80,6 @@ def _worker(rank, world, args):
     return rates
 
 
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

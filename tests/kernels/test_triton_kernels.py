@@ -1,12 +1,14 @@
 """Fused Triton kernels == the spec (zero_sf.spec), run under TRITON_INTERPRET=1
 on CPU (conftest sets it), or compiled on a GPU with ZERO_SF_TEST_DEVICE=cuda
 (``make gpu-report``: each kernel call runs on device copies of its tensors,
-written back, so the checks below are the same code on both).  fp32 state within 1e-6 relative; low-precision
-outputs equal to the rounding of the kernel's own fp32 value, bit for bit
+written back, so the checks below are the same code on both).  fp32 state
+within 1e-6 relative; low-precision outputs equal to the rounding of the kernel's own fp32 value, bit for bit
 (the kernels round bf16 to nearest even by hand, so the interpreter's
 truncating cast does not apply)."""
 
+import functools
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,22 +43,10 @@ def on_device(fn, *args, device=DEVICE, **kwargs):
     return out
 
 
-class F:
-    """The fused entry points, run where DEVICE says."""
-    triton_available = staticmethod(_F.triton_available)
-    resolve_backend = staticmethod(_F.resolve_backend)
-
-    @staticmethod
-    def sf_adamw(*args, **kwargs):
-        return on_device(_F.sf_adamw, *args, **kwargs)
-
-    @staticmethod
-    def sf_interpolate(*args, **kwargs):
-        return on_device(_F.sf_interpolate, *args, **kwargs)
-
-    @staticmethod
-    def rmsprop(*args, **kwargs):
-        return on_device(_F.rmsprop, *args, **kwargs)
+# The fused entry points, run where DEVICE says.
+F = SimpleNamespace(resolve_backend=_F.resolve_backend,
+                    **{name: functools.partial(on_device, getattr(_F, name))
+                       for name in ("sf_adamw", "sf_interpolate", "rmsprop")})
 
 SIZES = [1, 127, 128, 1000, 65537, 200_003]
 LOW = [torch.bfloat16, torch.float16]
